@@ -1,0 +1,140 @@
+"""The SAM model: image encoder + prompt encoder + mask decoder, trainable end to end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sam_train.models.image_encoder import ImageEncoderViT
+from sam_train.models.mask_decoder import MaskDecoder
+from sam_train.models.prompt_encoder import PromptEncoder
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class Sam(nn.Module):
+    """Segment Anything. Submodule names and state-dict keys equal the official package's.
+
+    Args:
+        image_encoder: backbone producing [B, C, h, w] image embeddings.
+        prompt_encoder: encodes points, boxes and masks.
+        mask_decoder: predicts masks and IoU from both.
+        pixel_mean, pixel_std: normalisation of 0-255 RGB input.
+    """
+
+    mask_threshold: float = 0.0
+    image_format: str = "RGB"
+
+    def __init__(
+        self,
+        *,
+        image_encoder: ImageEncoderViT,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        pixel_mean: tuple[float, float, float] = PIXEL_MEAN,
+        pixel_std: tuple[float, float, float] = PIXEL_STD,
+    ) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), persistent=False)
+        self.pixel_mean: torch.Tensor
+        self.pixel_std: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    @property
+    def img_size(self) -> int:
+        return self.image_encoder.img_size
+
+    # ----------------------------------------------------------------- pre/post-processing
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] or [3, H, W] 0-255 images, longest side already resized -> normalised, padded to S x S."""
+        x = (x.float() - self.pixel_mean) / self.pixel_std
+        h, w = x.shape[-2:]
+        return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
+
+    def postprocess_masks(
+        self, masks: torch.Tensor, input_size: tuple[int, ...], original_size: tuple[int, ...]
+    ) -> torch.Tensor:
+        """[M, k, 4h, 4w] low-res logits -> [M, k, H0, W0] logits at the original image size.
+
+        input_size is the (h, w) of the resized image before padding.
+        """
+        masks = F.interpolate(masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        masks = masks[..., : input_size[0], : input_size[1]]
+        return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+
+    # ----------------------------------------------------------------- batched training API
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] normalised, padded images -> [B, C, h, w] image embeddings."""
+        return self.image_encoder(images)
+
+    def decode(
+        self,
+        image_embeddings: torch.Tensor,
+        image_ids: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        mask_inputs: torch.Tensor | None = None,
+        has_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode all M objects of a batch at once, all 4 mask tokens.
+
+        Args:
+            image_embeddings: [B, C, h, w].
+            image_ids: [M] image index of each object.
+            point_coords: [M, K, 2] (x, y) in model-input pixels; box corners are points labelled 2/3.
+            point_labels: [M, K] in {-1 pad, 0 negative, 1 positive, 2 box top-left, 3 box bottom-right}.
+            mask_inputs: [M, 1, 4h, 4w] previous low-res logits, or None.
+            has_mask: [M] bool, which objects use mask_inputs (None: all of them).
+        Returns:
+            low-res logits [M, 4, 4h, 4w] (token 0 = single mask, 1-3 = multimask), iou_pred [M, 4].
+        """
+        sparse = self.prompt_encoder.embed_labelled_points(point_coords, point_labels)
+        if mask_inputs is None:
+            dense = self.prompt_encoder.no_mask_dense(point_coords.shape[0])
+        else:
+            dense = self.prompt_encoder.embed_masks(mask_inputs, has_mask)
+        return self.mask_decoder.predict_masks(
+            image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense.to(sparse.dtype), image_ids
+        )
+
+    # ----------------------------------------------------------------- official-style forward
+    def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:
+        """Same inputs and outputs as `segment_anything.Sam.forward`, but differentiable.
+
+        Each input dict: 'image' [3, H, W] (longest side resized), 'original_size' (H0, W0), and optional
+        'point_coords' [N, P, 2], 'point_labels' [N, P], 'boxes' [N, 4], 'mask_inputs' [N, 1, 4h, 4w].
+        Each output dict: 'masks' [N, k, H0, W0] bool, 'iou_predictions' [N, k], 'low_res_logits' [N, k, 4h, 4w].
+        """
+        images = torch.stack([self.preprocess(x["image"]) for x in batched_input], dim=0)
+        embeddings = self.image_encoder(images)
+        outputs = []
+        for record, emb in zip(batched_input, embeddings):
+            points = None
+            if "point_coords" in record:
+                points = (record["point_coords"], record["point_labels"])
+            sparse, dense = self.prompt_encoder(
+                points=points, boxes=record.get("boxes"), masks=record.get("mask_inputs")
+            )
+            low_res, iou = self.mask_decoder(
+                image_embeddings=emb.unsqueeze(0),
+                image_pe=self.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
+            masks = self.postprocess_masks(low_res, record["image"].shape[-2:], record["original_size"])
+            outputs.append(
+                {"masks": masks > self.mask_threshold, "iou_predictions": iou, "low_res_logits": low_res}
+            )
+        return outputs
