@@ -176,6 +176,10 @@ class Block(nn.Module):
         self.mlp = MLPBlock(embedding_dim=dim, mlp_dim=int(dim * mlp_ratio), act=act_layer)
         self.window_size = window_size
         self.drop_path = StochasticDepth(drop_path, mode="row")
+        # Hooks for bottleneck adapters (sam_train.finetune.adapters); parameter-free by default, so
+        # the state dict stays the official one.
+        self.attn_adapter: nn.Module = nn.Identity()
+        self.mlp_adapter: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
@@ -187,8 +191,8 @@ class Block(nn.Module):
             x = window_unpartition(x, self.window_size, pad_hw, (h, w))
         else:
             x = self.attn(x)
-        x = shortcut + self.drop_path(x)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = shortcut + self.drop_path(self.attn_adapter(x))
+        return x + self.drop_path(self.mlp_adapter(self.mlp(self.norm2(x))))
 
 
 class ImageEncoderViT(nn.Module):

@@ -1,0 +1,119 @@
+"""`sam-train <command> [key=value ...]`: composes the command's Hydra config and calls the library.
+
+Every command is a Hydra app (configs/<command>.yaml + config groups), so Hydra's flags work after
+the command: `--help`, `--cfg job`, `-m` (multirun, e.g. with hydra/launcher=slurm).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG_DIR = Path(os.environ.get("SAM_TRAIN_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+
+
+@dataclass(frozen=True)
+class Command:
+    config: str  # primary config in configs/
+    target: str  # "module:function" called with the composed config
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "fit": Command("fit", "sam_train.train:fit", "train / fine-tune SAM (resumes from the run dir's last checkpoint)"),
+}
+
+
+def _error(msg: str, code: int = 2) -> None:
+    print(f"sam-train: error: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _groups() -> list[str]:
+    return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def print_help() -> None:
+    lines = ["usage: sam-train <command> [key=value ...] [hydra flags: --help, --cfg job, -m]", "", "commands:"]
+    lines += [f"  {name:<10} {cmd.help}" for name, cmd in COMMANDS.items()]
+    lines += ["", "config groups (choose with group=option):"]
+    lines += [f"  {g:<10} {', '.join(_options(g))}" for g in _groups()]
+    lines += ["", "example: sam-train fit recipe=medical_demo trainer.max_steps=200"]
+    print("\n".join(lines))
+
+
+def _one_line(exc: BaseException) -> str:
+    return re.sub(r"\s*\n\s*", "; ", str(exc)).strip("; ")
+
+
+def validate(config_name: str, overrides: list[str]) -> None:
+    """Compose once up front so that bad choices / overrides give one clear line, not a traceback."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            compose(config_name, overrides=overrides)
+    except MissingConfigException as exc:
+        group = (exc.missing_cfg_file or "").split("/")[0]
+        choices = ", ".join(exc.options or _options(group)) if group else ""
+        _error(f"{_one_line(exc).split(';')[0]}. Valid choices for '{group}': {choices}")
+    except (Exception, OmegaConfBaseException) as exc:  # hydra's override / composition errors
+        msg = _one_line(exc)
+        match = re.search(r"Could not override '([\w.]+)'", msg)
+        if match:
+            parent = match.group(1).rpartition(".")[0]
+            with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+                cfg = compose(config_name)
+            node = cfg.select(parent) if parent else cfg
+            keys = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
+            msg = f"unknown key in override '{match.group(1)}'; valid keys of '{parent or '<root>'}': {keys}"
+        _error(msg)
+
+
+def _task(target: str):
+    module_name, func_name = target.split(":")
+
+    def task(cfg) -> None:
+        from sam_train.errors import SamTrainError
+
+        func = getattr(importlib.import_module(module_name), func_name)
+        try:
+            func(cfg)
+        except SamTrainError as exc:
+            logging.getLogger("sam_train").debug("user error", exc_info=True)
+            _error(str(exc))
+
+    return task
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print_help()
+        return
+    name, overrides = argv[0], argv[1:]
+    if name not in COMMANDS:
+        _error(f"unknown command '{name}'; valid commands: {', '.join(COMMANDS)}")
+    cmd = COMMANDS[name]
+    if not any(a.startswith("-") for a in overrides):
+        validate(cmd.config, overrides)
+
+    import hydra
+
+    sys.argv = [f"sam-train {name}", *overrides]
+    hydra.main(config_path=str(CONFIG_DIR), config_name=cmd.config, version_base="1.3")(_task(cmd.target))()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Data for the demo and the tests: a real MNI152 brain data set in MSD layout (from the nilearn wheel,
+nothing downloaded) and generated toy shapes with instance masks."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import scipy.ndimage
+import torch
+
+from sam_train.data.sample import DataError, make_sample
+
+MNI_FILES = {k: f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")}
+MNI_LABELS = {"0": "background", "1": "grey matter", "2": "white matter"}
+
+
+def mni_template_paths() -> dict[str, Path]:
+    """Paths of the MNI152 2009 T1 template and grey/white-matter probability maps shipped by nilearn."""
+    try:
+        folder = resources.files("nilearn") / "datasets" / "data"
+    except ModuleNotFoundError as exc:
+        raise DataError("nilearn is not installed (pip install 'sam_train[medical]'); it ships the MNI152 "
+                        "template the demo uses") from exc
+    paths = {k: Path(str(folder / name)) for k, name in MNI_FILES.items()}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: file not found (expected in the nilearn wheel, nilearn>=0.11)")
+    return paths
+
+
+def prepare_mni_demo(
+    out_dir: str | Path, *, n_cases: int = 6, zoom: float = 0.4, threshold: float = 0.5, overwrite: bool = False
+) -> Path:
+    """Write an MSD / nnU-Net-layout data set (imagesTr/, labelsTr/, dataset.json, NIfTI) from the real
+    MNI152 T1 template: labels 1 = grey matter, 2 = white matter (probability maps > threshold).
+
+    The volume (197 x 233 x 189 at 1 mm) is resampled by `zoom` (0.4: ~79 x 93 x 76 voxels at 2.5 mm,
+    so slices are 76-93 px) and cut into `n_cases` axial slabs over the brain, each one "case", so a
+    train / val split by case is meaningful. Takes a few seconds. Returns out_dir.
+    """
+    out = Path(out_dir)
+    if (out / "dataset.json").is_file() and not overwrite:
+        return out
+    paths = mni_template_paths()
+    images = {k: nib.load(str(p)) for k, p in paths.items()}
+    affine = images["t1"].affine
+    t1, gm, wm = (
+        scipy.ndimage.zoom(np.asarray(images[k].dataobj, np.float32), zoom, order=1) for k in ("t1", "gm", "wm")
+    )
+    labels = np.zeros(t1.shape, np.uint8)
+    labels[gm > threshold] = 1
+    labels[(wm > threshold) & (wm > gm)] = 2
+    # new voxel size 1/zoom along each axis; voxel centres stay aligned with the corner of the volume
+    scale = np.diag([images["t1"].shape[i] / t1.shape[i] for i in range(3)] + [1.0])
+    new_affine = affine @ scale
+    z_brain = np.nonzero(labels.any(axis=(0, 1)))[0]
+    bounds = np.linspace(z_brain[0], z_brain[-1] + 1, n_cases + 1).round().astype(int)
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    training = []
+    for i, (z0, z1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        case = f"mni_{i:03d}"
+        slab_affine = new_affine.copy()
+        slab_affine[:3, 3] = new_affine[:3, :3] @ np.array([0, 0, z0]) + new_affine[:3, 3]
+        image = nib.Nifti1Image(np.round(t1[:, :, z0:z1]).astype(np.int16), slab_affine)
+        label = nib.Nifti1Image(labels[:, :, z0:z1], slab_affine)
+        for img in (image, label):
+            img.set_qform(slab_affine, code=1)
+            img.set_sform(slab_affine, code=1)
+        nib.save(image, str(out / "imagesTr" / f"{case}_0000.nii.gz"))
+        nib.save(label, str(out / "labelsTr" / f"{case}.nii.gz"))
+        training.append({"image": f"./imagesTr/{case}_0000.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+    meta = {
+        "name": "MNI152 2009c brain tissue (sam_train demo)",
+        "description": "Axial slabs of the MNI152 2009 T1 template; labels thresholded from the tissue "
+        "probability maps shipped by nilearn (BSD-3, MNI notice).",
+        "tensorImageSize": "3D",
+        "modality": {"0": "MRI"},
+        "channel_names": {"0": "MRI"},
+        "labels": MNI_LABELS,
+        "file_ending": ".nii.gz",
+        "numTraining": n_cases,
+        "training": training,
+        "test": [],
+    }
+    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def _shape_mask(kind: int, h: int, w: int, g: torch.Generator) -> torch.Tensor:
+    """bool [h, w]: 0 ellipse, 1 rectangle, 2 triangle, random position and size."""
+    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    r = torch.rand(6, generator=g)
+    cy, cx = 0.15 * h + 0.7 * h * r[0], 0.15 * w + 0.7 * w * r[1]
+    ry, rx = (0.08 + 0.2 * r[2]) * h, (0.08 + 0.2 * r[3]) * w
+    if kind == 0:
+        return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
+    if kind == 1:
+        return ((y - cy).abs() <= ry) & ((x - cx).abs() <= rx)
+    angles = torch.tensor([0.0, 2.1, 4.2]) + 6.28 * r[4]
+    py, px = cy + ry * torch.sin(angles), cx + rx * torch.cos(angles)
+    inside = torch.ones(h, w, dtype=torch.bool)
+    orient = torch.sign((px[1] - px[0]) * (py[2] - py[0]) - (py[1] - py[0]) * (px[2] - px[0]))
+    for i in range(3):  # inside = on the same side of all three edges
+        j = (i + 1) % 3
+        cross = (px[j] - px[i]) * (y - py[i]) - (py[j] - py[i]) * (x - px[i])
+        inside &= cross * orient >= 0
+    return inside
+
+
+def make_toy_shapes(
+    n: int, size: int | tuple[int, int] = 64, generator: torch.Generator | None = None, *, max_objects: int = 4
+) -> list[dict[str, Any]]:
+    """n samples of random ellipses / rectangles / triangles on noise, with their visible instance masks.
+
+    Each sample: image uint8 [3, H, W], masks bool [N, H, W] (1 <= N <= max_objects, non-overlapping,
+    later shapes occlude earlier ones), class_ids int64 [N] (0 ellipse, 1 rectangle, 2 triangle).
+    """
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    h, w = (size, size) if isinstance(size, int) else size
+    samples = []
+    for i in range(n):
+        image = (torch.rand(3, h, w, generator=g) * 60 + 40).to(torch.uint8)
+        count = int(torch.randint(1, max_objects + 1, (), generator=g))
+        masks, kinds = [], []
+        for _ in range(count):
+            kind = int(torch.randint(0, 3, (), generator=g))
+            mask = _shape_mask(kind, h, w, g)
+            colour = (torch.rand(3, generator=g) * 120 + 130).to(torch.uint8)
+            image[:, mask] = colour[:, None]
+            masks = [m & ~mask for m in masks]  # occluded parts belong to the new shape
+            masks.append(mask)
+            kinds.append(kind)
+        keep = [k for k, m in enumerate(masks) if m.sum() >= 4]
+        samples.append(make_sample(
+            image, torch.stack([masks[k] for k in keep]), id=f"toy_{i:05d}", source="make_toy_shapes",
+            class_ids=torch.tensor([kinds[k] for k in keep], dtype=torch.int64),
+        ))
+    return samples

@@ -1,0 +1,133 @@
+"""COCO segmentations (polygons, uncompressed and compressed RLE) <-> bool masks via pycocotools.
+
+pycocotools' C decoder does not bound-check run lengths (a malformed RLE writes past the mask
+buffer), so every RLE is validated here first and a bad one becomes a DataError naming its file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pycocotools.mask as mask_utils
+
+from sam_train.data.sample import DataError
+
+
+def _decode_counts(strings: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """Run lengths of several compressed COCO RLE strings at once -> (runs int64 [R], owner int64 [R]).
+
+    The inverse of pycocotools' rleToString, vectorised: each run is a little-endian base-32 number
+    (5 bits per character, bit 0x20 = more characters follow, bit 0x10 of the last one = sign); from
+    the third run of a string on, a run is stored as the difference to the run two before it.
+    Raises ValueError on an invalid string.
+    """
+    lengths = np.array([len(b) for b in strings], np.int64)
+    if (lengths == 0).any():
+        raise ValueError("empty compressed counts string")
+    s = np.frombuffer(b"".join(strings), np.uint8).astype(np.int64) - 48
+    if s.min() < 0 or s.max() >= 64:
+        bad = s[(s < 0) | (s >= 64)][0] + 48
+        raise ValueError(f"invalid character {chr(int(bad))!r} in compressed counts")
+    more = (s & 0x20) != 0
+    string_ends = np.cumsum(lengths) - 1
+    if more[string_ends].any():
+        raise ValueError("compressed counts string ends inside a number")
+    ends = np.flatnonzero(~more)
+    starts = np.r_[0, ends[:-1] + 1]
+    group = np.repeat(np.arange(ends.size), ends - starts + 1)
+    k = np.arange(s.size) - starts[group]  # position of each character inside its number
+    if k.max() > 12:
+        raise ValueError("a run length has more than 12 characters")
+    x = np.bincount(group, weights=(s & 0x1F) << (5 * k), minlength=ends.size).astype(np.int64)
+    negative = (s[ends] & 0x10) != 0
+    x[negative] -= np.int64(1) << (5 * (k[ends][negative] + 1))
+    owner = np.searchsorted(string_ends, ends)  # string of each run
+    pos = np.arange(ends.size) - np.searchsorted(owner, np.arange(len(strings)))[owner]
+    # undo the delta coding: a cumulative sum per (string, parity), run 0 of each string on its own
+    sel = np.flatnonzero(pos >= 1)
+    order = sel[np.lexsort((pos[sel], owner[sel] * 2 + pos[sel] % 2))]
+    if order.size == 0:
+        return x, owner
+    keys = (owner * 2 + pos % 2)[order]
+    total = np.cumsum(x[order])
+    first = np.r_[True, keys[1:] != keys[:-1]]
+    before = (total - x[order])[first]  # cumulative sum before each segment
+    runs = x.copy()
+    runs[order] = total - np.repeat(before, np.diff(np.r_[np.flatnonzero(first), order.size]))
+    return runs, owner
+
+
+def compressed_rle_counts(counts: str | bytes, where: str) -> np.ndarray:
+    """Run lengths (int64 [R]) of one compressed COCO RLE string; DataError naming `where` if invalid."""
+    try:
+        return _decode_counts([counts.encode() if isinstance(counts, str) else counts])[0]
+    except ValueError as exc:
+        raise DataError(f"{where}: malformed RLE: {exc}") from exc
+
+
+def check_compressed_rles(segmentations: list[Any], height: int, width: int) -> list[dict[str, Any]] | None:
+    """Fast path for many compressed RLEs of one image: validated pycocotools RLE objects, or None when
+    any of them is not a well-formed compressed RLE of this size (then check each with check_rle)."""
+    try:
+        strings = [s["counts"].encode() if isinstance(s["counts"], str) else s["counts"] for s in segmentations]
+        if not all(isinstance(b, bytes) and list(seg["size"]) == [height, width]
+                   for b, seg in zip(strings, segmentations, strict=True)):
+            return None
+        runs, owner = _decode_counts(strings)
+    except (ValueError, TypeError, KeyError):
+        return None
+    sums = np.bincount(owner, weights=runs, minlength=len(strings))
+    if (runs < 0).any() or (sums != height * width).any():
+        return None
+    return [{"size": [height, width], "counts": b} for b in strings]
+
+
+def check_rle(rle: Any, height: int, width: int, where: str) -> dict[str, Any]:
+    """Validate an RLE dict {"size": [h, w], "counts": list[int] | str} -> pycocotools RLE object."""
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        raise DataError(f"{where}: malformed RLE: expected a dict with 'size' and 'counts', got {rle!r:.80}")
+    size = list(rle["size"]) if isinstance(rle["size"], list | tuple) else rle["size"]
+    if size != [height, width]:
+        raise DataError(f"{where}: malformed RLE: size {size} != image size [{height}, {width}]")
+    counts = rle["counts"]
+    if isinstance(counts, list):
+        if not all(isinstance(r, int | np.integer) for r in counts):
+            raise DataError(f"{where}: malformed RLE: uncompressed counts must be integers")
+        runs = np.asarray(counts, np.int64)
+    elif isinstance(counts, str | bytes):
+        runs = compressed_rle_counts(counts, where)
+    else:
+        kind = type(counts).__name__
+        raise DataError(f"{where}: malformed RLE: counts must be a list of ints or a string, got {kind}")
+    if (runs < 0).any() or runs.sum() != height * width:
+        raise DataError(
+            f"{where}: malformed RLE: run lengths sum to {runs.sum()} (negative runs: {bool((runs < 0).any())}),"
+            f" expected {height * width} = {height} x {width}"
+        )
+    if isinstance(counts, list):  # uncompressed -> compressed, as pycocotools intends
+        return mask_utils.frPyObjects(rle, height, width)
+    return {"size": [height, width], "counts": counts.encode() if isinstance(counts, str) else counts}
+
+
+def decode_segmentation(segmentation: Any, height: int, width: int, where: str) -> np.ndarray:
+    """COCO segmentation (polygon list, uncompressed or compressed RLE) -> bool [height, width]."""
+    if isinstance(segmentation, list):
+        if not segmentation or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 for p in segmentation):
+            raise DataError(f"{where}: malformed polygon: expected lists of >= 3 (x, y) pairs")
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    else:
+        rle = check_rle(segmentation, height, width, where)
+    return mask_utils.decode(rle).view(bool)  # 0/1 bytes
+
+
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """bool [H, W] -> compressed RLE {"size": [H, W], "counts": str} (json-serialisable, SA-1B style)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def mask_bbox_area(mask: np.ndarray) -> tuple[list[float], int]:
+    """bool [H, W] -> (COCO bbox [x, y, w, h], area in pixels)."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return [float(v) for v in mask_utils.toBbox(rle)], int(mask_utils.area(rle))

@@ -1,0 +1,1 @@
+"""Evaluation and inference: metrics, simulated clicks, the predictor, automatic masks, robustness."""

@@ -1,0 +1,1 @@
+"""Export trained models: MAE to SAM weights, ONNX prompt encoder + mask decoder."""

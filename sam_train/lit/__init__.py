@@ -1,0 +1,1 @@
+"""Thin LightningModules that wire models, prompt simulation, losses and optimisers."""

@@ -1,0 +1,131 @@
+"""Thin LightningModule: SAM + interactive prompt simulation + SAM loss + optimiser wiring."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from sam_train.losses.distributed import global_num_objects
+from sam_train.losses.sam_loss import SamLossConfig, sam_loss
+from sam_train.models.sam import Sam
+from sam_train.prompts.interactive import PromptSimulationConfig, simulate
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+ParamGroupsFactory = Callable[[nn.Module], list[dict[str, Any]]]
+
+
+def step_seed(seed: int, *parts: int) -> int:
+    """A 63-bit seed derived from (seed, step, rank, ...): same inputs -> same prompts, on any process."""
+    digest = hashlib.blake2b(repr((seed,) + parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class SamModule(pl.LightningModule):
+    """Trains SAM on batches in the `collate_sam` format (see docs/architecture.md).
+
+    Args:
+        model: the SAM model (fine-tuning strategy already applied).
+        prompts: interactive prompt simulation settings for training.
+        loss: SAM loss weights and resolution.
+        optimizer: partial optimiser taking param groups (e.g. AdamW with lr / weight decay).
+        param_groups: builds param groups (no-decay, layer decay) from the model.
+        scheduler: partial LR scheduler taking the optimiser, stepped every optimiser step.
+        val_prompts: prompt simulation for validation (defaults to `prompts`); seeded per batch.
+        report_iterations: iterations whose IoU / Dice are logged (1-based: IoU after 1 prompt, ...).
+        seed: base seed of the prompt simulation.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: Sam,
+        prompts: PromptSimulationConfig,
+        loss: SamLossConfig,
+        optimizer: OptimizerFactory,
+        param_groups: ParamGroupsFactory,
+        scheduler: SchedulerFactory | None = None,
+        val_prompts: PromptSimulationConfig | None = None,
+        report_iterations: tuple[int, ...] = (1, 3, 5, 11),
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"], logger=False)
+        self.model = model
+        self.prompts = prompts
+        self.val_prompts = val_prompts or prompts
+        self.loss_cfg = loss
+        self.optimizer_factory = optimizer
+        self.param_groups_factory = param_groups
+        self.scheduler_factory = scheduler
+        self.report_iterations = tuple(i for i in report_iterations if i <= self.val_prompts.num_iterations)
+        self.seed = seed
+        self.val_iou = nn.ModuleList(MeanMetric() for _ in self.report_iterations)
+        self.val_dice = nn.ModuleList(MeanMetric() for _ in self.report_iterations)
+
+    # ------------------------------------------------------------------ helpers
+    def image_embeddings(self, batch: dict[str, Any]) -> torch.Tensor:
+        """[B, C, h, w]: cached embeddings when the batch carries them, else encode the images."""
+        if "embeddings" in batch:
+            return batch["embeddings"]
+        return self.model.encode(self.model.preprocess(batch["images"]))
+
+    def generator(self, *parts: int) -> torch.Generator:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(step_seed(self.seed, self.global_rank, *parts))
+        return gen
+
+    def run_prompts(self, batch: dict[str, Any], cfg: PromptSimulationConfig, gen: torch.Generator):
+        embeddings = self.image_embeddings(batch)
+        num_objects = global_num_objects(batch["masks"].shape[0], self.device)
+
+        def loss_fn(low_res, iou_pred, gt, multimask):
+            return sam_loss(low_res, iou_pred, gt, multimask, num_objects=num_objects, cfg=self.loss_cfg)
+
+        return simulate(
+            self.model.decode,
+            embeddings,
+            batch["masks"],
+            batch["image_ids"],
+            cfg,
+            gen,
+            loss_fn=loss_fn,
+            image_sizes=batch["input_sizes"],
+        )
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        result = self.run_prompts(batch, self.prompts, self.generator(0, self.global_step))
+        bs = batch["image_ids"].numel()
+        self.log("train/loss", result.loss, prog_bar=True, batch_size=bs)
+        for name in ("focal", "dice", "iou"):
+            self.log(f"train/{name}", sum(step[name] for step in result.losses), batch_size=bs)
+        self.log("train/iou_last", result.ious[-1].mean(), batch_size=bs)
+        self.log("train/objects", float(batch["masks"].shape[0]), batch_size=bs)
+        return result.loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        result = self.run_prompts(batch, self.val_prompts, self.generator(1, batch_idx))
+        bs = batch["image_ids"].numel()
+        self.log("val/loss", result.loss, batch_size=bs, sync_dist=True)
+        for k, it in enumerate(self.report_iterations):
+            self.val_iou[k].update(result.ious[it - 1])
+            iou = result.ious[it - 1]
+            self.val_dice[k].update(2 * iou / (1 + iou))  # per-object Dice from IoU of the same masks
+            self.log(f"val/iou@{it}", self.val_iou[k], batch_size=bs)
+            self.log(f"val/dice@{it}", self.val_dice[k], batch_size=bs)
+        self.log("val/iou", self.val_iou[-1], prog_bar=True, batch_size=bs)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer_factory(self.param_groups_factory(self.model))
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,331 @@
+"""Checkpoint I/O: read SAM weights in every layout users bring, write the official one.
+
+Supported inputs (``.pth`` / ``.pt`` / ``.ckpt`` pickles read with ``weights_only=True``, and
+``.safetensors`` files or a Hugging Face model directory holding ``model.safetensors``):
+
+- official ``segment_anything``: a flat state dict with ``image_encoder.`` / ``prompt_encoder.`` /
+  ``mask_decoder.`` keys;
+- MedSAM-style training checkpoints: ``{"model": state_dict, "optimizer": ..., "epoch": ...}``;
+- Lightning: ``{"state_dict": {"<attr>.image_encoder....": ...}, ...}`` (the LightningModule's
+  attribute prefix is found and stripped; keys outside the SAM sub-module are dropped);
+- DDP: ``module.`` prefixes (possibly nested, in any of the above);
+- Hugging Face ``transformers.SamModel`` (``vision_encoder.``, ``shared_image_embedding.`` ...).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+HF_MARKERS = ("vision_encoder.", "shared_image_embedding.")
+SAFETENSORS_SUFFIX = ".safetensors"
+_MAX_LISTED = 8  # keys named per category in error messages
+
+StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+
+
+# ----------------------------------------------------------------------------------- reading
+def read_checkpoint_file(path: Path) -> object:
+    """Raw content of a checkpoint file: a dict of tensors (safetensors) or the unpickled object."""
+    if path.is_dir():
+        candidate = path / "model.safetensors"
+        if not candidate.is_file():
+            raise CheckpointError(f"{path}: a directory without model.safetensors (Hugging Face layout expected)")
+        path = candidate
+    if not path.is_file():
+        raise FileNotFoundError(f"SAM checkpoint not found: {path}")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except SafetensorError as err:
+            raise CheckpointError(f"{path}: not a valid safetensors file ({err})") from err
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's weights-only unpickler refuses globals it does not know (custom classes, functions):
+        # loading those would run arbitrary code from the file.
+        raise CheckpointError(
+            f"{path}: refused to load, the pickle needs arbitrary code to unpickle (weights_only=True "
+            f"allows only tensors and plain containers; untrusted pickles can execute code). Re-save it "
+            f"as a plain state dict or as .safetensors. torch said: {str(err).splitlines()[0]}"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
+
+
+_read_file = read_checkpoint_file  # older private name, used by sam_train.export.mae_to_sam
+
+
+def _unwrap(obj: object, path: Path) -> tuple[Mapping[str, object], list[str]]:
+    """Descend into training-checkpoint containers until a mapping of tensors is reached."""
+    steps: list[str] = []
+    for _ in range(4):  # containers nest at most a few levels ({"state_dict": {"model": ...}} is unusual)
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+        if any(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj, steps
+        for key, name in (("state_dict", "lightning"), ("model", "medsam"), ("module", "wrapped")):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                steps.append(name)
+                break
+        else:
+            raise CheckpointError(
+                f"{path}: no state dict found; top-level keys are {sorted(map(str, obj))[:_MAX_LISTED]} "
+                f"(expected tensors, or one of 'state_dict', 'model', 'module')"
+            )
+    raise CheckpointError(f"{path}: checkpoint containers nested too deeply")
+
+
+def _sam_prefix(keys: list[str], markers: tuple[str, ...]) -> str | None:
+    """The most common text before a SAM part name (e.g. 'model.module.'), '' for none, None if absent."""
+    pattern = re.compile(r"^(.*?)(?:" + "|".join(re.escape(m) for m in markers) + ")")
+    prefixes = Counter(
+        m.group(1) for k in keys if (m := pattern.match(k)) and (not m.group(1) or m.group(1)[-1] == ".")
+    )
+    return prefixes.most_common(1)[0][0] if prefixes else None
+
+
+def _hf_mlp_renames(keys: list[str]) -> dict[str, str]:
+    """HF splits SAM's MLP layers into proj_in / layers.i / proj_out: map them back to layers.0..n-1."""
+    renames: dict[str, str] = {}
+    hidden: dict[str, set[int]] = {}
+    for key in keys:
+        if m := re.match(r"(.*\.)(?:proj_in|proj_out|layers\.(\d+))\.(weight|bias)$", key):
+            if "mlps" in key or "iou_prediction_head" in key:
+                hidden.setdefault(m.group(1), set())
+                if m.group(2) is not None:
+                    hidden[m.group(1)].add(int(m.group(2)))
+    for prefix, idx in hidden.items():
+        last = len(idx) + 1
+        for kind in ("weight", "bias"):
+            renames[f"{prefix}proj_in.{kind}"] = f"{prefix}layers.0.{kind}"
+            renames[f"{prefix}proj_out.{kind}"] = f"{prefix}layers.{last}.{kind}"
+            for i in idx:
+                renames[f"{prefix}layers.{i}.{kind}"] = f"{prefix}layers.{i + 1}.{kind}"
+    return renames
+
+
+# HF name -> official name, applied in order to each key (after the MLP renames).
+_HF_RULES: tuple[tuple[str, str], ...] = (
+    (r"^shared_image_embedding\.positional_embedding$", "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"),
+    (r"^vision_encoder\.", "image_encoder."),
+    (r"^image_encoder\.patch_embed\.projection\.", "image_encoder.patch_embed.proj."),
+    (r"^image_encoder\.layers\.", "image_encoder.blocks."),
+    (r"\.layer_norm([12])\.(weight|bias)$", r".norm\1.\2"),
+    (r"^image_encoder\.neck\.conv1\.", "image_encoder.neck.0."),
+    (r"^image_encoder\.neck\.norm1\.", "image_encoder.neck.1."),
+    (r"^image_encoder\.neck\.conv2\.", "image_encoder.neck.2."),
+    (r"^image_encoder\.neck\.norm2\.", "image_encoder.neck.3."),
+    (r"^prompt_encoder\.point_embed\.", "prompt_encoder.point_embeddings."),
+    (r"^prompt_encoder\.mask_embed\.conv1\.", "prompt_encoder.mask_downscaling.0."),
+    (r"^prompt_encoder\.mask_embed\.norm1\.", "prompt_encoder.mask_downscaling.1."),
+    (r"^prompt_encoder\.mask_embed\.conv2\.", "prompt_encoder.mask_downscaling.3."),
+    (r"^prompt_encoder\.mask_embed\.norm2\.", "prompt_encoder.mask_downscaling.4."),
+    (r"^prompt_encoder\.mask_embed\.conv3\.", "prompt_encoder.mask_downscaling.6."),
+    (r"\.layer_norm([34])\.(weight|bias)$", r".norm\1.\2"),
+    (r"\.layer_norm_final_attn\.", ".norm_final_attn."),
+    (r"^mask_decoder\.upscale_conv1\.", "mask_decoder.output_upscaling.0."),
+    (r"^mask_decoder\.upscale_layer_norm\.", "mask_decoder.output_upscaling.1."),
+    (r"^mask_decoder\.upscale_conv2\.", "mask_decoder.output_upscaling.3."),
+)
+
+
+def hf_to_official(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Rename a Hugging Face `SamModel` state dict to the official segment_anything layout."""
+    # The prompt encoder holds a tied copy of the shared positional matrix; the official model has one.
+    sd = {k: v for k, v in state_dict.items() if k != "prompt_encoder.shared_embedding.positional_embedding"}
+    if (
+        "shared_image_embedding.positional_embedding" not in sd
+        and (tied := state_dict.get("prompt_encoder.shared_embedding.positional_embedding")) is not None
+    ):
+        sd["shared_image_embedding.positional_embedding"] = tied
+    mlp = _hf_mlp_renames(list(sd))
+    out: StateDict = {}
+    for key, value in sd.items():
+        new = mlp.get(key, key)
+        for pattern, repl in _HF_RULES:
+            new = re.sub(pattern, repl, new)
+        out[new] = value
+    return out
+
+
+def load_state_dict_any(path: str | Path) -> tuple[StateDict, str]:
+    """Read a SAM checkpoint in any supported layout.
+
+    Returns:
+        (state dict in the official layout, detected format), the format being '+'-joined steps such as
+        'official', 'medsam', 'lightning+ddp', 'hf', each optionally with '+safetensors'.
+    """
+    path = Path(path)
+    raw = read_checkpoint_file(path)
+    sd, steps = _unwrap(raw, path)
+    tensors = {str(k): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    keys = list(tensors)
+    hf = _sam_prefix(keys, HF_MARKERS) is not None and _sam_prefix(keys, ("image_encoder.",)) is None
+    markers = HF_MARKERS + PARTS[1:] if hf else PARTS
+    prefix = _sam_prefix(keys, markers)
+    if prefix is None:
+        raise CheckpointError(
+            f"{path}: no SAM weights found (no key contains {', '.join(PARTS)} or the Hugging Face "
+            f"'vision_encoder.'); first keys: {keys[:_MAX_LISTED]}"
+        )
+    in_container = bool(steps)
+    if prefix:
+        if "module." in prefix:
+            steps.append("ddp")
+        if prefix.replace("module.", ""):
+            steps.append(f"prefix={prefix.replace('module.', '')!r}")
+        # Inside a training container, other attributes (losses, teachers) are not SAM weights: drop them.
+        # In a flat file, keep them so a strict load reports them as unexpected.
+        tensors = {
+            k[len(prefix) :] if k.startswith(prefix) else k: v
+            for k, v in tensors.items()
+            if k.startswith(prefix) or not in_container
+        }
+    if hf:
+        tensors = hf_to_official(tensors)
+        steps.append("hf")
+    if path.suffix == SAFETENSORS_SUFFIX or path.is_dir():
+        steps.append("safetensors")
+    fmt = "+".join(s for s in steps if s != "wrapped") or "official"
+    if fmt == "safetensors":
+        fmt = "official+safetensors"
+    return tensors, fmt
+
+
+# ----------------------------------------------------------------------------------- checking
+def guess_sam_size(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The registered size whose encoder width, depth and input size match the weights' shapes.
+
+    Falls back to a match of width and depth alone (a size trained at another resolution); None when
+    nothing matches. Works on meta tensors (reads shapes only).
+    """
+    from sam_train.models.registry import SAM_CONFIGS
+
+    patch = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if patch is None:
+        return None
+    dim, patch_size = patch.shape[0], patch.shape[-1]
+    depth = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
+    pos = state_dict.get("image_encoder.pos_embed")
+    img_size = pos.shape[1] * patch_size if pos is not None else None
+    same_arch = [n for n, c in SAM_CONFIGS.items() if (c.encoder_embed_dim, c.encoder_depth) == (dim, depth)]
+    exact = [n for n in same_arch if SAM_CONFIGS[n].img_size == img_size]
+    return (exact or same_arch or [None])[0]
+
+
+def _describe(state_dict: Mapping[str, torch.Tensor]) -> str:
+    patch = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if patch is None:
+        return "no image encoder"
+    depth = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
+    pos = state_dict.get("image_encoder.pos_embed")
+    img = f", input {pos.shape[1] * patch.shape[-1]} px" if pos is not None else ""
+    return f"encoder width {patch.shape[0]}, depth {depth}{img}"
+
+
+def _listed(keys: list[str]) -> str:
+    more = f" ... (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else ""
+    return ", ".join(keys[:_MAX_LISTED]) + more
+
+
+def check_state_dict(
+    model_sd: Mapping[str, torch.Tensor], ckpt_sd: Mapping[str, torch.Tensor], path: str | Path, strict: bool = True
+) -> None:
+    """Raise one CheckpointError listing missing / unexpected / shape-mismatched keys and the size the file looks like.
+
+    With strict=False only shape mismatches are errors (they cannot be loaded at all).
+    """
+    missing = sorted(set(model_sd) - set(ckpt_sd))
+    unexpected = sorted(set(ckpt_sd) - set(model_sd))
+    mismatched = [
+        f"{k} {tuple(ckpt_sd[k].shape)} vs model {tuple(model_sd[k].shape)}"
+        for k in model_sd
+        if k in ckpt_sd and ckpt_sd[k].shape != model_sd[k].shape
+    ]
+    if not (mismatched or (strict and (missing or unexpected))):
+        return
+    ckpt_size, model_size = guess_sam_size(ckpt_sd), guess_sam_size(model_sd)
+    size_line = (
+        f"  the checkpoint looks like {ckpt_size or 'no registered size'} ({_describe(ckpt_sd)}); "
+        f"the model is {model_size or 'a custom size'} ({_describe(model_sd)})"
+    )
+    # A wrong size explains every key below it: say it first.
+    lines = [f"{path}: checkpoint does not fit the model"] + ([size_line] if ckpt_size != model_size else [])
+    if strict and missing:
+        lines.append(f"  missing {len(missing)} key(s): {_listed(missing)}")
+    if strict and unexpected:
+        lines.append(f"  unexpected {len(unexpected)} key(s): {_listed(unexpected)}")
+    if mismatched:
+        lines.append(f"  {len(mismatched)} shape mismatch(es): {_listed(mismatched)}")
+    if ckpt_size == model_size:
+        lines.append(size_line)
+    raise CheckpointError("\n".join(lines))
+
+
+def load_sam_weights(model: nn.Module, path: str | Path, strict: bool = True) -> str:
+    """Load a checkpoint in any supported layout into a `Sam`; returns the detected format.
+
+    Load weights before `apply_finetune` (LoRA / adapters change the module tree).
+    Raises CheckpointError naming the file and the offending keys.
+    """
+    sd, fmt = load_state_dict_any(path)
+    model_sd = model.state_dict()
+    check_state_dict(model_sd, sd, path, strict=strict)
+    model.load_state_dict({k: v for k, v in sd.items() if k in model_sd} if not strict else sd, strict=strict)
+    return fmt
+
+
+# ----------------------------------------------------------------------------------- writing
+def save_sam_checkpoint(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], path: str | Path) -> Path:
+    """Write weights in the official flat layout (.safetensors by suffix, else a torch pickle), atomically.
+
+    Accepts a `Sam` or a state dict in any layout `load_state_dict_any` understands after unwrapping
+    (prefixes such as 'module.' are stripped). LoRA / adapter models must be exported with
+    `sam_train.finetune.merge_and_export_state_dict` first.
+    """
+    path = Path(path)
+    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    keys = list(sd)
+    prefix = _sam_prefix(keys, PARTS) or ""
+    sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    foreign = [k for k in sd if not k.startswith(PARTS) or ".lora_" in k or ".base_layer." in k or "_adapter." in k]
+    if foreign:
+        raise CheckpointError(
+            f"{path}: not the official layout, keys {_listed(foreign)}; merge LoRA / drop adapters with "
+            f"sam_train.finetune.merge_and_export_state_dict(model) before saving"
+        )
+    # safetensors refuses views sharing storage; contiguous CPU copies are what both formats want.
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix == SAFETENSORS_SUFFIX:
+            from safetensors.torch import save_file
+
+            save_file(sd, tmp, metadata={"format": "pt", "layout": "segment_anything"})
+        else:
+            torch.save(sd, tmp)
+        os.replace(tmp, path)  # atomic on POSIX: readers never see a half-written checkpoint
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,117 @@
+"""Point prompts: uniform points inside masks and error-region points, vectorised over objects.
+
+All functions are pure: randomness comes only from the `torch.Generator` argument. Every call
+draws exactly one `torch.rand(M, dtype=float64)` from it (the "random stream contract" that
+`sam_train.prompts.reference` replays object by object), so results depend only on the seed and
+the number of objects, never on the mask contents. Pass a generator on the masks' device to keep
+sampling on the device; a CPU generator also works (its numbers are copied over).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sam_train.models.prompt_encoder import NEGATIVE, PAD, POSITIVE
+
+
+def draw_uniform(m: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """[m] float64 uniforms in [0, 1) from `generator`, placed on `device`."""
+    u = torch.rand(m, generator=generator, device=generator.device, dtype=torch.float64)
+    return u.to(device, non_blocking=True)
+
+
+def pick_kth_true(region: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The floor(u * count)-th True pixel of each mask, counting in row-major order.
+
+    Two-level inverse CDF (pick the row from per-row counts, then the column inside that row), so
+    memory stays O(M * (H + W)) beyond the masks themselves, with no loop over objects.
+
+    Args:
+        region: bool [M, H, W].
+        u: float [M] in [0, 1).
+    Returns:
+        coords float32 [M, 2] as (x, y) pixel indices ((0, 0) where invalid), valid bool [M]
+        (False for empty masks).
+    """
+    if region.dim() != 3:
+        raise ValueError(f"region must be bool [M, H, W], got shape {tuple(region.shape)}")
+    m = region.shape[0]
+    row_counts = region.sum(dim=-1)  # [M, H] int64
+    row_cum = row_counts.cumsum(dim=-1)
+    total = row_counts.sum(dim=-1)
+    valid = total > 0
+    k = (u.to(torch.float64) * total).floor().long()
+    k = torch.minimum(k, (total - 1).clamp(min=0))  # u*total may round up to total
+    # First row whose cumulative count exceeds k holds the k-th pixel.
+    row = torch.searchsorted(row_cum, k[:, None], right=True).squeeze(1).clamp(max=region.shape[1] - 1)
+    before = torch.gather(row_cum - row_counts, 1, row[:, None]).squeeze(1)  # pixels in earlier rows
+    k_in_row = k - before
+    row_mask = region[torch.arange(m, device=region.device), row]  # [M, W]
+    col_cum = row_mask.long().cumsum(dim=-1)
+    col = torch.searchsorted(col_cum, k_in_row[:, None], right=True).squeeze(1).clamp(max=region.shape[2] - 1)
+    coords = torch.stack([col, row], dim=-1).to(torch.float32)
+    coords = torch.where(valid[:, None], coords, torch.zeros_like(coords))
+    return coords, valid
+
+
+def sample_points(region: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One point per mask, uniform over its True pixels.
+
+    Args:
+        region: bool [M, H, W].
+        generator: source of randomness (one float64 uniform per object).
+    Returns:
+        coords float32 [M, 2] (x, y) pixel indices in the mask's frame ((0, 0) for empty masks),
+        valid bool [M] (False where the mask is empty).
+    """
+    u = draw_uniform(region.shape[0], generator, region.device)
+    return pick_kth_true(region, u)
+
+
+def error_regions(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The region to sample the next click from and its label.
+
+    Rule: the side (false negatives = gt & ~pred, label 1; false positives = pred & ~gt, label 0)
+    with more pixels; ties go to false negatives. An object with no error at all gets a positive
+    click inside its gt (a click that confirms the mask); an empty gt with no error gets label -1
+    (padding, i.e. no click).
+
+    Args:
+        pred, gt: bool [M, H, W].
+    Returns:
+        region bool [M, H, W], labels int64 [M].
+    """
+    if pred.shape != gt.shape or pred.dim() != 3:
+        raise ValueError(f"pred and gt must both be bool [M, H, W]; got {tuple(pred.shape)} and {tuple(gt.shape)}")
+    pred, gt = pred.bool(), gt.bool()
+    fn = gt & ~pred
+    fp = pred & ~gt
+    n_fn = fn.flatten(1).sum(1)
+    n_fp = fp.flatten(1).sum(1)
+    positive = n_fn >= n_fp
+    no_error = (n_fn + n_fp) == 0
+    region = torch.where(positive[:, None, None], fn, fp)
+    region = torch.where(no_error[:, None, None], gt, region)
+    labels = torch.where(positive | no_error, POSITIVE, NEGATIVE)
+    empty = no_error & ~gt.flatten(1).any(1)
+    labels = torch.where(empty, PAD, labels).long()
+    return region, labels
+
+
+def sample_error_points(
+    pred: torch.Tensor, gt: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A corrective click per object, uniform inside its larger error region (see `error_regions`).
+
+    Args:
+        pred: bool [M, H, W] current (thresholded) prediction.
+        gt: bool [M, H, W] ground truth.
+        generator: source of randomness (one float64 uniform per object).
+    Returns:
+        coords float32 [M, 2] (x, y) pixel indices, labels int64 [M]: 1 inside a false-negative
+        region, 0 inside a false-positive region, -1 (padding) only when gt is empty and
+        there is no error.
+    """
+    region, labels = error_regions(pred, gt)
+    coords, _ = sample_points(region, generator)
+    return coords, labels

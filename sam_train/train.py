@@ -1,0 +1,82 @@
+"""Library entry points behind the CLI: `fit(cfg)` trains SAM from a composed Hydra config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sam_train.errors import SamTrainError
+
+log = logging.getLogger(__name__)
+
+
+def prepare_run_dir(cfg: DictConfig) -> Path:
+    """Create the run directory and write the resolved config into it."""
+    run_dir = Path(cfg.run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    return run_dir
+
+
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """`ckpt_path=` if given (must exist), else the run directory's last checkpoint, else None."""
+    if cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise SamTrainError(f"ckpt_path={path}: no such checkpoint file")
+        return str(path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        log.info("resuming from %s", last)
+        return str(last)
+    return None
+
+
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+
+
+def build_loggers(cfg: DictConfig) -> list[Any]:
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
+    return instantiate(
+        cfg.trainer,
+        default_root_dir=str(run_dir),
+        logger=build_loggers(cfg) or False,
+        callbacks=build_callbacks(cfg),
+    )
+
+
+def build_sam_module(cfg: DictConfig) -> pl.LightningModule:
+    """Model (weights loaded), fine-tuning strategy applied, then the LightningModule around it."""
+    model = instantiate(cfg.model)
+    if cfg.get("finetune") is not None:
+        model = instantiate(cfg.finetune)(model)
+    return instantiate(cfg.module, model=model)
+
+
+def fit(cfg: DictConfig) -> dict[str, float]:
+    """Train / fine-tune SAM as configured; returns the final logged metrics."""
+    pl.seed_everything(cfg.seed, workers=True)
+    if cfg.get("matmul_precision"):
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
+    run_dir = prepare_run_dir(cfg)
+    datamodule = instantiate(cfg.data)
+    module = build_sam_module(cfg)
+    trainer = build_trainer(cfg, run_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    if cfg.get("evaluate") is not None and trainer.is_global_zero:
+        from sam_train.eval.prompted import evaluate_after_fit
+
+        metrics.update(evaluate_after_fit(cfg, module.model, datamodule, run_dir))
+    log.info("run directory: %s", run_dir)
+    return metrics
