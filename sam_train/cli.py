@@ -24,8 +24,10 @@ class Command:
     help: str
 
 
+# Add a command here + its configs/<config>.yaml. Two-word names ("export onnx") are sub-commands.
 COMMANDS: dict[str, Command] = {
     "fit": Command("fit", "sam_train.train:fit", "train / fine-tune SAM (resumes from the run dir's last checkpoint)"),
+    "convert": Command("convert", "sam_train.data.convert:convert_from_config", "convert COCO / folders / medical volumes to webdataset shards"),
 }
 
 
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
         print_help()
         return
     name, overrides = argv[0], argv[1:]
+    if overrides and f"{name} {overrides[0]}" in COMMANDS:
+        name, overrides = f"{name} {overrides[0]}", overrides[1:]
     if name not in COMMANDS:
         _error(f"unknown command '{name}'; valid commands: {', '.join(COMMANDS)}")
     cmd = COMMANDS[name]
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import hydra
 
-    sys.argv = [f"sam-train {name}", *overrides]
+    sys.argv = [f"sam-train-{name.replace(' ', '-')}", *overrides]
     hydra.main(config_path=str(CONFIG_DIR), config_name=cmd.config, version_base="1.3")(_task(cmd.target))()
 
 

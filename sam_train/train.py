@@ -60,6 +60,8 @@ def build_sam_module(cfg: DictConfig) -> pl.LightningModule:
     model = instantiate(cfg.model)
     if cfg.get("finetune") is not None:
         model = instantiate(cfg.finetune)(model)
+    if cfg.get("compile"):  # the encoder dominates compute; the prompt loop has data-dependent shapes
+        model.image_encoder = torch.compile(model.image_encoder)
     return instantiate(cfg.module, model=model)
 
 

@@ -24,13 +24,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from sam_train.errors import SamTrainError
+
 log = logging.getLogger(__name__)
 
 OnError = Literal["raise", "skip"]
 META_KEYS = ("source", "case_id", "slice_index", "spacing", "axis")
 
 
-class DataError(ValueError):
+class DataError(SamTrainError, ValueError):
     """Bad input data; the message names the file and what was expected."""
 
 

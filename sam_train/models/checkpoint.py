@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sam_train.errors import SamTrainError
+
 PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 HF_MARKERS = ("vision_encoder.", "shared_image_embedding.")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -33,7 +35,7 @@ _MAX_LISTED = 8  # keys named per category in error messages
 StateDict = dict[str, torch.Tensor]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SamTrainError, ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file."""
 
 
