@@ -61,6 +61,7 @@ def validate(config_name: str, overrides: list[str]) -> None:
     """Compose once up front so that bad choices / overrides give one clear line, not a traceback."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import MissingConfigException
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     try:
@@ -77,24 +78,44 @@ def validate(config_name: str, overrides: list[str]) -> None:
             parent = match.group(1).rpartition(".")[0]
             with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
                 cfg = compose(config_name)
-            node = cfg.select(parent) if parent else cfg
+            node = OmegaConf.select(cfg, parent) if parent else cfg
             keys = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else ""
             msg = f"unknown key in override '{match.group(1)}'; valid keys of '{parent or '<root>'}': {keys}"
         _error(msg)
+
+
+def _user_error(exc: BaseException) -> str | None:
+    """The message of a user error anywhere in the exception chain (Hydra wraps instantiate errors)."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    from sam_train.errors import SamTrainError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, SamTrainError):
+            return str(exc)
+        if isinstance(exc, MissingMandatoryValue):
+            found = re.search(r"full_key: (\S+)", str(exc)) or re.search(r"value: (\S+)", str(exc))
+            key = getattr(exc, "full_key", None) or (found.group(1) if found else "?")
+            return f"missing required value '{key}': set it on the command line ({key}=...)"
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _task(target: str):
     module_name, func_name = target.split(":")
 
     def task(cfg) -> None:
-        from sam_train.errors import SamTrainError
-
         func = getattr(importlib.import_module(module_name), func_name)
         try:
             func(cfg)
-        except SamTrainError as exc:
+        except Exception as exc:
+            message = _user_error(exc)
+            if message is None:
+                raise
             logging.getLogger("sam_train").debug("user error", exc_info=True)
-            _error(str(exc))
+            _error(message)
 
     return task
 

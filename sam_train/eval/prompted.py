@@ -97,36 +97,67 @@ def _valid_region(batch: dict[str, Any]) -> torch.Tensor:
     return (ar.view(1, s, 1) < sizes[:, 0].view(-1, 1, 1)) & (ar.view(1, 1, s) < sizes[:, 1].view(-1, 1, 1))
 
 
-def evaluate_prompted(
-    model: Sam, batches: Iterable[dict[str, Any]], modes: tuple[str, ...] = ("box", "point", "filled_box")
-) -> dict[str, Any]:
-    """Dice / IoU per prompt mode, per (case, class) and averaged over them."""
-    model.eval()
-    acc = {m: OverlapAccumulator() for m in modes}
-    for batch in batches:
-        batch = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+MODES = ("box", "point", "filled_box")
+
+
+class PromptedEvaluator:
+    """Accumulates box / point / filled-box Dice and IoU per (case, class) over collated batches.
+
+    Batches may carry `embeddings` (computed once by the caller and shared with other protocols);
+    otherwise the images are encoded here.
+    """
+
+    def __init__(self, modes: Iterable[str] = MODES) -> None:
+        self.modes = tuple(modes)
+        unknown = [m for m in self.modes if m not in MODES]
+        if unknown:
+            raise ValueError(f"unknown prompt mode(s) {unknown}; valid: {', '.join(MODES)}")
+        self.acc = {m: OverlapAccumulator() for m in self.modes}
+
+    @torch.no_grad()
+    def update(self, model: Sam, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Score one batch (on the model's device); returns each mode's masks bool [M, S, S] (padding cleared)."""
         gt = batch["masks"]
         if gt.shape[0] == 0:
-            continue
+            return {m: gt for m in self.modes}
         valid = _valid_region(batch)
         ids = batch["image_ids"].tolist()
         cases = [str(batch["meta"][i].get("case_id", batch["ids"][i])) for i in ids]
         classes = batch["class_ids"].tolist()
         coords, labels, boxes = box_prompts(gt)
-        for mode in modes:
+        preds = {}
+        for mode in self.modes:
             if mode == "box":
                 pred = predict_objects(model, batch, coords, labels, multimask=False)
             elif mode == "point":
                 pred = predict_objects(model, batch, *center_point_prompts(gt), multimask=True)
-            elif mode == "filled_box":
-                pred = filled_boxes(boxes, gt.shape[-2:])
             else:
-                raise ValueError(f"unknown prompt mode {mode!r}; valid: box, point, filled_box")
-            acc[mode].update(pred & valid, gt, cases, classes)
-    return {
-        mode: {
-            **a.summary(),
-            "per_case": {f"{case}/class_{cls}": v for (case, cls), v in sorted(a.per_case().items())},
+                pred = filled_boxes(boxes, gt.shape[-2:])
+            preds[mode] = pred & valid
+            self.acc[mode].update(preds[mode], gt, cases, classes)
+        return preds
+
+    def result(self) -> dict[str, Any]:
+        """{mode: {"dice": mean over (case, class), "iou": ..., "per_case": {"<case>/class_<c>": {dice, iou}}}}."""
+        return {
+            mode: {
+                **a.summary(),
+                "per_case": {f"{case}/class_{cls}": v for (case, cls), v in sorted(a.per_case().items())},
+            }
+            for mode, a in self.acc.items()
         }
-        for mode, a in acc.items()
-    }
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def evaluate_prompted(
+    model: Sam, batches: Iterable[dict[str, Any]], modes: tuple[str, ...] = MODES
+) -> dict[str, Any]:
+    """Dice / IoU per prompt mode, per (case, class) and averaged over them (see `PromptedEvaluator`)."""
+    model.eval()
+    evaluator = PromptedEvaluator(modes)
+    for batch in batches:
+        evaluator.update(model, to_device(batch, model.device))
+    return evaluator.result()

@@ -10,17 +10,23 @@ neck has its own norms). Windowed blocks reuse the global-attention weights unch
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
-from sam_train.models.checkpoint import CheckpointError, _read_file, save_sam_checkpoint
+from sam_train.errors import SamTrainError
+from sam_train.models.checkpoint import CheckpointError, read_checkpoint_file, save_sam_checkpoint
 from sam_train.models.mae import timm_to_mae_state_dict
 from sam_train.models.pos_embed import interpolate_pos_embed_grid
 from sam_train.models.registry import build_sam
 from sam_train.models.sam import Sam
+
+log = logging.getLogger(__name__)
 
 _ENCODER_PREFIX = "image_encoder."
 # Lightning (`model.`), DDP / FSDP (`module.`, `_forward_module.`) and torch.compile (`_orig_mod.`) wrappers.
@@ -48,11 +54,16 @@ def unwrap_mae_state_dict(obj: object, source: str = "MAE checkpoint") -> dict[s
     return sd
 
 
-def _sam_template(sam_name: str, img_size: int, seed: int, overrides: dict[str, object]) -> Sam:
-    """`build_sam` with its random init drawn from a private, seeded RNG (reproducible neck and decoder)."""
+def _sam_template(sam_name: str, img_size: int | None, seed: int, overrides: dict[str, object]) -> Sam:
+    """`build_sam` with its random init drawn from a private, seeded RNG (reproducible neck and decoder).
+
+    `img_size` None keeps the registered size's input side (1024, vit_t 256).
+    """
+    if img_size is not None:
+        overrides = {**overrides, "img_size": img_size}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_sam(sam_name, img_size=img_size, **overrides)
+        return build_sam(sam_name, **overrides)
 
 
 def _encoder_state_dict(mae_sd: Mapping[str, torch.Tensor], sam: Sam, source: str) -> dict[str, torch.Tensor]:
@@ -93,7 +104,7 @@ def _encoder_state_dict(mae_sd: Mapping[str, torch.Tensor], sam: Sam, source: st
 def mae_to_sam_state_dict(
     mae_state_dict: Mapping[str, object],
     sam_name: str = "vit_b",
-    img_size: int = 1024,
+    img_size: int | None = None,
     *,
     seed: int = 0,
     **sam_overrides: object,
@@ -104,7 +115,8 @@ def mae_to_sam_state_dict(
         mae_state_dict: our MAE's state dict, a Lightning checkpoint dict, or the official
             facebookresearch/mae `{"model": ...}` layout with timm key names.
         sam_name: registered SAM size whose encoder matches the MAE's width / depth / heads.
-        img_size: SAM input side; the position grid is resampled to img_size / patch_size.
+        img_size: SAM input side (default: the registered size's, 1024; vit_t 256); the position
+            grid is resampled to img_size / patch_size.
         seed: seed of the neck's random initialisation.
         sam_overrides: further `SamConfig` fields (e.g. window_size, encoder_global_attn_indexes).
     """
@@ -117,7 +129,7 @@ def export_mae_to_sam(
     mae_ckpt_path: str | Path,
     out_path: str | Path,
     sam_name: str = "vit_b",
-    img_size: int = 1024,
+    img_size: int | None = None,
     *,
     seed: int = 0,
     **sam_overrides: object,
@@ -130,7 +142,26 @@ def export_mae_to_sam(
     model.checkpoint=<out_path>` start from it. Reads the MAE checkpoint with `weights_only=True`.
     """
     source = str(mae_ckpt_path)
-    mae_sd = unwrap_mae_state_dict(_read_file(Path(mae_ckpt_path)), source)
+    mae_sd = unwrap_mae_state_dict(read_checkpoint_file(Path(mae_ckpt_path)), source)
     sam = _sam_template(sam_name, img_size, seed, sam_overrides)
     sam.image_encoder.load_state_dict(_encoder_state_dict(mae_sd, sam, source), strict=True)
     return save_sam_checkpoint(sam, out_path)
+
+
+def export_from_config(cfg: DictConfig) -> Path:
+    """`sam-train export mae-to-sam checkpoint=... out=... sam_name=...` (configs/export_mae_to_sam.yaml)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise SamTrainError(f"missing required value(s) {', '.join(missing)}; e.g. checkpoint=runs/.../last.ckpt out=sam.pth")
+    overrides: dict[str, Any] = OmegaConf.to_container(cfg.get("overrides") or {}, resolve=True)  # type: ignore[assignment]
+    try:
+        out = export_mae_to_sam(
+            cfg.checkpoint, cfg.out, cfg.sam_name, cfg.get("img_size"), seed=cfg.get("seed", 0), **overrides
+        )
+    except FileNotFoundError as exc:
+        raise SamTrainError(f"checkpoint={cfg.checkpoint}: no such file") from exc
+    except (KeyError, TypeError) as exc:  # unknown sam_name / SamConfig field from the registry
+        raise SamTrainError(f"sam_name={cfg.sam_name} / overrides: {exc}") from exc
+    size = f" img_size={cfg.img_size}" if cfg.get("img_size") else ""
+    log.info("wrote %s; fine-tune from it with: sam-train fit model=%s model.checkpoint=%s%s", out, cfg.sam_name, out, size)
+    return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import re
@@ -15,7 +14,9 @@ import torch
 from torchvision.utils import make_grid
 
 from sam_train.data.image_only import IMAGENET_MEAN, IMAGENET_STD
+from sam_train.lit.sam_module import step_seed
 from sam_train.models.mae import MaskedAutoencoderViT
+from sam_train.optim.schedules import warmup_cosine_schedule
 
 log = logging.getLogger(__name__)
 
@@ -24,20 +25,6 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 MAE_ADAMW: OptimizerFactory = partial(torch.optim.AdamW, betas=(0.9, 0.95))
 # Wrapper modules insert these into parameter names (FSDP, activation checkpointing, torch.compile).
 _WRAPPER_NAME = re.compile(r"(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
-
-
-def step_seed(seed: int, *parts: int) -> int:
-    """A 63-bit seed from (seed, rank, step, ...): per-rank, per-step masks that survive resumption."""
-    digest = hashlib.blake2b(repr((seed,) + parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier: linear warm-up from 0 over `warmup_steps`, then half-cosine down to `min_ratio`."""
-    if step < warmup_steps:
-        return step / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def reconstruction_grid(
@@ -79,7 +66,10 @@ class MaeModule(pl.LightningModule):
             world size x per-device batch x gradient accumulation (MAE's linear scaling rule).
         lr: absolute lr; overrides the scaling rule when set.
         weight_decay: decay of weights; norms, biases, class/mask tokens and position embeddings get none.
-        warmup_steps: linear warm-up optimiser steps; default `warmup_fraction` of all steps.
+        warmup_steps: linear warm-up optimiser steps; default `warmup_fraction` of all steps. The
+            schedule is `sam_train.optim.warmup_cosine_schedule`: its warm-up factor is
+            (step + 1) / warmup_steps, so the first step already trains, one step ahead of MAE's
+            per-iteration ramp from 0 (immaterial over thousands of warm-up steps).
         warmup_fraction: warm-up share when `warmup_steps` is None (MAE: 40 of 800 epochs = 0.05).
         min_lr: lr at the end of the cosine decay.
         batch_size: per-device batch; default: the datamodule's `batch_size` or the train loader's.
@@ -196,6 +186,5 @@ class MaeModule(pl.LightningModule):
         total = int(total)
         warmup = self.warmup_steps if self.warmup_steps is not None else int(self.warmup_fraction * total)
         log.info("MAE: effective batch %d -> lr %.3g; %d warm-up of %d steps", eff, lr, warmup, total)
-        factor = partial(warmup_cosine_factor, warmup_steps=warmup, total_steps=total, min_ratio=self.min_lr / lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = warmup_cosine_schedule(optimizer, warmup, total, min_lr_ratio=self.min_lr / lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,138 @@
+"""`sam-train embed`: encode each image of a data set once and store embeddings + masks as shards.
+
+Decoder-only training then reads the shards (`data=embeddings`, sam_train/data/embeddings.py) and never
+runs the image encoder: for vit_h that is > 95% of a training step's FLOPs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from sam_train.data.embeddings import SHARD_GLOB, storage_dtype, write_embedding_shard
+from sam_train.errors import SamTrainError
+from sam_train.models.sam import Sam
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+PRECISIONS = ("fp32", "bf16")
+
+
+@torch.no_grad()
+def embed_dataset(
+    model: Sam,
+    dataset: Any,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 8,
+    shard_size: int = 1000,
+    dtype: str = "fp16",
+    precision: str = "fp32",
+    num_workers: int = 0,
+    model_info: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Encode every sample of `dataset` once (images [3, S, S] after SamTransform) into shards.
+
+    Writes `out_dir/embeddings-000000.safetensors`, ... (`shard_size` images each, embeddings stored
+    as `dtype`: "fp32" exact, "fp16" / "bf16" half the size); older shards in `out_dir` are removed.
+    `precision="bf16"` encodes under bf16 autocast (GPU). Returns the shard paths.
+    """
+    store = storage_dtype(dtype)
+    if precision not in PRECISIONS:
+        raise ValueError(f"embed precision must be one of {PRECISIONS}, got {precision!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in sorted(out.glob(SHARD_GLOB)):
+        log.info("removing old shard %s", stale)
+        stale.unlink()
+    model.eval()
+    device = model.device
+    info = {"img_size": model.img_size, **(model_info or {})}
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=list, pin_memory=device.type == "cuda")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    paths: list[Path] = []
+    pending_emb: list[torch.Tensor] = []
+    pending: list[dict[str, Any]] = []
+
+    def flush(n: int) -> None:
+        emb = torch.cat(pending_emb)
+        path = out / f"embeddings-{len(paths):06d}.safetensors"
+        paths.append(write_embedding_shard(path, emb[:n], pending[:n], img_size=model.img_size, model_info=info))
+        pending_emb[:] = [emb[n:]] if n < emb.shape[0] else []
+        del pending[:n]
+
+    total = len(dataset) if hasattr(dataset, "__len__") else None
+    for samples in tqdm(loader, total=None if total is None else -(-total // batch_size),
+                        desc=f"embedding -> {out}", unit="batch", disable=not progress):
+        sizes = {tuple(s["image"].shape) for s in samples}
+        if sizes != {(3, model.img_size, model.img_size)}:
+            raise SamTrainError(f"embed: images must be [3, {model.img_size}, {model.img_size}] after the data "
+                                f"config's transform (SamTransform img_size={model.img_size}), got {sorted(sizes)}")
+        images = torch.stack([s["image"] for s in samples]).to(device, non_blocking=True)
+        with autocast:
+            emb = model.encode(model.preprocess(images))
+        pending_emb.append(emb.to(store).cpu())
+        pending.extend({k: v for k, v in s.items() if k != "image"} for s in samples)
+        while len(pending) >= shard_size:
+            flush(shard_size)
+    if pending:
+        flush(len(pending))
+    log.info("embedded %d images into %d shards in %s", sum(1 for _ in ()) or _count(paths), len(paths), out)
+    return paths
+
+
+def _count(paths: list[Path]) -> int:
+    from sam_train.data.embeddings import _num_rows
+
+    return sum(_num_rows(p) for p in paths)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SamTrainError(f"device={name}: CUDA is not available on this machine (use device=cpu)")
+    return device
+
+
+def embed_from_config(cfg: Any) -> dict[str, list[Path]]:
+    """`sam-train embed [model=...] [data=...] out_dir=...` (configs/embed.yaml): every split the data
+    config defines (train / val / test) goes to `out_dir/<split>/`."""
+    from hydra.utils import instantiate
+
+    torch.manual_seed(cfg.seed)  # random-init models (tests, demos) match `fit` with the same seed
+    try:
+        storage_dtype(cfg.dtype)
+    except ValueError as exc:
+        raise SamTrainError(f"dtype={cfg.dtype}: {exc}") from exc
+    if cfg.precision not in PRECISIONS:
+        raise SamTrainError(f"precision={cfg.precision}: expected one of {PRECISIONS}")
+    model = instantiate(cfg.model).to(resolve_device(cfg.device))
+    datamodule = instantiate(cfg.data)
+    info = {"name": cfg.model.get("name"), "checkpoint": cfg.model.get("checkpoint")}
+    written: dict[str, list[Path]] = {}
+    for split in cfg.splits:
+        if split not in SPLITS:
+            raise SamTrainError(f"splits: unknown split {split!r}; expected some of {SPLITS}")
+        dataset = getattr(datamodule, split, None)
+        if dataset is None:
+            continue
+        written[split] = embed_dataset(
+            model, dataset, Path(cfg.out_dir) / split, batch_size=cfg.batch_size, shard_size=cfg.shard_size,
+            dtype=cfg.dtype, precision=cfg.precision, num_workers=cfg.num_workers, model_info=info,
+            progress=cfg.progress,
+        )
+    if not written:
+        raise SamTrainError(f"embed: the data config defines none of the splits {list(cfg.splits)}")
+    return written
