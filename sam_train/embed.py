@@ -63,6 +63,7 @@ def embed_dataset(
     paths: list[Path] = []
     pending_emb: list[torch.Tensor] = []
     pending: list[dict[str, Any]] = []
+    n_images = 0
 
     def flush(n: int) -> None:
         emb = torch.cat(pending_emb)
@@ -83,18 +84,13 @@ def embed_dataset(
             emb = model.encode(model.preprocess(images))
         pending_emb.append(emb.to(store).cpu())
         pending.extend({k: v for k, v in s.items() if k != "image"} for s in samples)
+        n_images += len(samples)
         while len(pending) >= shard_size:
             flush(shard_size)
     if pending:
         flush(len(pending))
-    log.info("embedded %d images into %d shards in %s", sum(1 for _ in ()) or _count(paths), len(paths), out)
+    log.info("embedded %d images into %d shards in %s", n_images, len(paths), out)
     return paths
-
-
-def _count(paths: list[Path]) -> int:
-    from sam_train.data.embeddings import _num_rows
-
-    return sum(_num_rows(p) for p in paths)
 
 
 def resolve_device(name: str) -> torch.device:

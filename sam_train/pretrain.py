@@ -37,19 +37,24 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
     """MAE-pretrain as configured; returns the final logged metrics (e.g. train/loss)."""
     check_required(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    if cfg.get("matmul_precision"):
+    if cfg.get("matmul_precision") and torch.cuda.is_available():
+        # TF32 on GPUs; on CPUs "high" switches fp32 matmuls to slower reduced-precision kernels.
         torch.set_float32_matmul_precision(cfg.matmul_precision)
     run_dir = prepare_run_dir(cfg)
     datamodule = instantiate(cfg.mae_data)
     module = instantiate(cfg.module, model=instantiate(cfg.mae_model))
     trainer = build_trainer(cfg, run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
+    # weights_only: resuming never unpickles code (the optimiser betas are plain lists, see pretrain.yaml)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     last = run_dir / "checkpoints" / "last.ckpt"
     log.info(
         "run directory: %s; turn it into a SAM encoder with: sam-train export mae-to-sam checkpoint=%s "
         "out=%s sam_name=<vit_t|vit_b|vit_l|vit_h matching %s>",
-        run_dir, last, run_dir / "sam_init.pth", cfg.mae_model.name,
+        run_dir,
+        last,
+        run_dir / "sam_init.pth",
+        cfg.mae_model.name,
     )
     return metrics
 

@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from sam_train.errors import SamTrainError
@@ -47,11 +48,14 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
+    from sam_train.callbacks import AtomicCheckpointIO
+
     return instantiate(
         cfg.trainer,
         default_root_dir=str(run_dir),
         logger=build_loggers(cfg) or False,
         callbacks=build_callbacks(cfg),
+        plugins=[AtomicCheckpointIO()],  # atomic writes, weights_only=True reads
     )
 
 
@@ -74,10 +78,15 @@ def fit(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data)
     module = build_sam_module(cfg)
     trainer = build_trainer(cfg, run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir), weights_only=True)
+    except SIGTERMException as exc:  # preempted (SIGTERM / SIGUSR1): rerunning the command resumes
+        from sam_train.callbacks import EXIT_REQUEUE
+
+        raise SystemExit(exc.code if isinstance(exc.code, int) and exc.code else EXIT_REQUEUE) from exc
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     if cfg.get("evaluate") is not None and trainer.is_global_zero:
-        from sam_train.eval.prompted import evaluate_after_fit
+        from sam_train.eval.run import evaluate_after_fit
 
         metrics.update(evaluate_after_fit(cfg, module.model, datamodule, run_dir))
     log.info("run directory: %s", run_dir)

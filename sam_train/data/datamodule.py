@@ -1,14 +1,68 @@
-"""SamDataModule: DataLoaders over already-built datasets (map-style or iterable), batches by collate_sam."""
+"""SamDataModule: DataLoaders over already-built datasets (map-style or iterable), batches by collate_sam.
+
+Training loaders are torchdata `StatefulDataLoader`s: Lightning stores their position in every
+checkpoint and restores it, so a run resumed mid-epoch continues with the very next batch. For map-style
+datasets the order is a pure function of (seed, epoch) (`ResumableSampler`) and each sample's
+augmentation a pure function of (seed, epoch, index) (`EpochSeededDataset`), so the resumed batches are
+identical to those of an uninterrupted run.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from sam_train.data.sample import collate_sam
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """63-bit seed of one sample's augmentation: the same on every process and after a resume."""
+    digest = hashlib.blake2b(repr(("sample", seed, epoch, index)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class ResumableSampler(DistributedSampler):
+    """Shuffled (or sequential) order drawn from (seed, epoch), split across ranks; yields keys
+    `epoch * len(dataset) + index` so the dataset knows the epoch of each read.
+
+    A DistributedSampler, so Lightning keeps it under DDP (and calls `set_epoch`) instead of replacing
+    it; with no process group it is the whole dataset on one replica. Holds no running RNG state: after
+    a resume, StatefulDataLoader fast-forwards it by the number of indices already consumed.
+    """
+
+    def __init__(self, dataset: Any, *, shuffle: bool = True, seed: int = 0) -> None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        replicas = {} if distributed else {"num_replicas": 1, "rank": 0}
+        super().__init__(dataset, shuffle=shuffle, seed=seed, drop_last=False, **replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        n = len(self.dataset)
+        return (self.epoch * n + int(i) for i in super().__iter__())
+
+
+class EpochSeededDataset(Dataset):
+    """Reads key `epoch * n + index` as `dataset[index]`, seeding the dataset's transform (if it has
+    `seed_next`, like SamTransform) from (seed, epoch, index) first."""
+
+    def __init__(self, dataset: Any, *, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int) -> Any:
+        epoch, index = divmod(int(key), len(self.dataset))
+        transform = getattr(self.dataset, "transform", None)
+        if hasattr(transform, "seed_next"):
+            transform.seed_next(sample_seed(self.seed, epoch, index))
+        return self.dataset[index]
 
 
 class SamDataModule(L.LightningDataModule):
@@ -22,7 +76,7 @@ class SamDataModule(L.LightningDataModule):
         pin_memory: page-locked host batches for faster copies to the GPU.
         persistent_workers: keep workers alive between epochs (only used when num_workers > 0).
         drop_last: drop the last incomplete training batch.
-        seed: seed of the training sampler's shuffling (map-style datasets).
+        seed: seed of the training order and of each training sample's augmentation (map-style datasets).
     """
 
     def __init__(
@@ -51,12 +105,16 @@ class SamDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Any, *, batch_size: int, train: bool) -> DataLoader:
         iterable = isinstance(dataset, IterableDataset)
-        generator = torch.Generator().manual_seed(self.seed) if train and not iterable else None
-        return DataLoader(
+        if train and not iterable:
+            dataset = EpochSeededDataset(dataset, seed=self.seed)
+            sampler = ResumableSampler(dataset, shuffle=True, seed=self.seed)
+        else:
+            sampler = None  # iterable datasets shuffle shards and a buffer themselves
+        loader_cls = StatefulDataLoader if train else DataLoader
+        return loader_cls(
             dataset,
             batch_size=batch_size,
-            shuffle=train and not iterable,  # iterable datasets shuffle shards and a buffer themselves
-            generator=generator,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,9 @@ def write_embedding_shard(
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # safetensors creates 0600 files; shards are data, readable like any other
     tmp.replace(path)
     return path
 
@@ -263,7 +267,16 @@ def collate_embeddings(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 class EmbeddingDataModule(SamDataModule):
-    """SamDataModule whose loaders collate decoder-only batches (`collate_embeddings`)."""
+    """SamDataModule whose loaders collate decoder-only batches (`collate_embeddings`).
+
+    Args:
+        root: the embed command's out_dir (the config derives the datasets' roots from it).
+        **kwargs: SamDataModule arguments (train / val EmbeddingDatasets, batch_size, ...).
+    """
+
+    def __init__(self, *, root: str | Path | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.root = root
 
     def _loader(self, dataset: Any, *, batch_size: int, train: bool) -> DataLoader:
         loader = super()._loader(dataset, batch_size=batch_size, train=train)

@@ -62,6 +62,16 @@ class SamTransform:
         self.dropped: Counter[str] = Counter()  # masks dropped per reason, in this process
         self._generator: torch.Generator | None = None
         self._generator_key: Any = None
+        self._next_seed: int | None = None
+
+    def seed_next(self, seed: int) -> None:
+        """Seed the generator of the next call that gets no explicit generator.
+
+        SamDataModule seeds every training sample from (seed, epoch, index), so augmentations are a pure
+        function of the sample's position in training and a resumed run repeats them exactly (a
+        per-process stream would restart from its seed after a resume).
+        """
+        self._next_seed = seed
 
     def _default_generator(self) -> torch.Generator:
         info = torch.utils.data.get_worker_info()
@@ -91,6 +101,8 @@ class SamTransform:
         return masks[keep], class_ids[keep]
 
     def __call__(self, sample: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Any]:
+        if generator is None and self._next_seed is not None:
+            generator, self._next_seed = torch.Generator().manual_seed(self._next_seed), None
         g = generator if generator is not None else self._default_generator()
         image, masks = sample["image"], sample["masks"]
         class_ids = sample.get("class_ids")

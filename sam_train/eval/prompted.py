@@ -30,7 +30,7 @@ class OverlapAccumulator:
     def update(self, pred: torch.Tensor, gt: torch.Tensor, cases: list[str], classes: list[int]) -> None:
         inter = (pred & gt).flatten(1).sum(1).tolist()
         p, g = pred.flatten(1).sum(1).tolist(), gt.flatten(1).sum(1).tolist()
-        for i, key in enumerate(zip(cases, classes)):
+        for i, key in enumerate(zip(cases, classes, strict=True)):
             s = self.sums[key]
             s[0], s[1], s[2] = s[0] + inter[i], s[1] + p[i], s[2] + g[i]
 
@@ -89,7 +89,7 @@ def predict_objects(
     return F.interpolate(logits, (s, s), mode="bilinear", align_corners=False)[:, 0] > model.mask_threshold
 
 
-def _valid_region(batch: dict[str, Any]) -> torch.Tensor:
+def valid_region(batch: dict[str, Any]) -> torch.Tensor:
     """[M, S, S] bool: the un-padded part of each object's image."""
     s = batch["masks"].shape[-1]
     sizes = batch["input_sizes"][batch["image_ids"]]
@@ -120,7 +120,7 @@ class PromptedEvaluator:
         gt = batch["masks"]
         if gt.shape[0] == 0:
             return {m: gt for m in self.modes}
-        valid = _valid_region(batch)
+        valid = valid_region(batch)
         ids = batch["image_ids"].tolist()
         cases = [str(batch["meta"][i].get("case_id", batch["ids"][i])) for i in ids]
         classes = batch["class_ids"].tolist()
@@ -152,9 +152,7 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def evaluate_prompted(
-    model: Sam, batches: Iterable[dict[str, Any]], modes: tuple[str, ...] = MODES
-) -> dict[str, Any]:
+def evaluate_prompted(model: Sam, batches: Iterable[dict[str, Any]], modes: tuple[str, ...] = MODES) -> dict[str, Any]:
     """Dice / IoU per prompt mode, per (case, class) and averaged over them (see `PromptedEvaluator`)."""
     model.eval()
     evaluator = PromptedEvaluator(modes)

@@ -56,7 +56,9 @@ class SamModule(pl.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["model"], logger=False)
+        # Only plain values: config objects, Hydra ListConfigs and optimiser partials would make checkpoints
+        # unloadable with torch.load(weights_only=True). The resolved config is in <run_dir>/config.yaml.
+        self.save_hyperparameters("seed", logger=False)
         self.model = model
         self.prompts = prompts
         self.val_prompts = val_prompts or prompts

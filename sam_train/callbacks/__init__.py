@@ -1,0 +1,24 @@
+"""Reliability callbacks and plugins: atomic weights-only checkpoints, preemption, non-finite steps,
+rank failures, bad-sample monitoring, fault injection for tests."""
+
+from sam_train.callbacks.checkpoint_io import AtomicCheckpointIO, atomic_torch_save, load_weights_only
+from sam_train.callbacks.data_skips import SkipMonitor
+from sam_train.callbacks.distributed import RankFailureReporter
+from sam_train.callbacks.fault_injection import FaultInjection, InjectedFault
+from sam_train.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
+from sam_train.callbacks.preemption import EXIT_REQUEUE, Preempted, PreemptionCheckpoint
+
+__all__ = [
+    "EXIT_REQUEUE",
+    "AtomicCheckpointIO",
+    "FaultInjection",
+    "InjectedFault",
+    "NonFiniteError",
+    "NonFiniteGuard",
+    "Preempted",
+    "PreemptionCheckpoint",
+    "RankFailureReporter",
+    "SkipMonitor",
+    "atomic_torch_save",
+    "load_weights_only",
+]

@@ -1,0 +1,61 @@
+"""The benchmarks run end to end on CPU in smoke mode (a few steps), so they cannot rot."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run(script: str, *args: str, timeout: float = 300) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--smoke", "--threads", "1", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def ratios(out: str, what: str) -> list[float]:
+    values = [float(v) for v in re.findall(rf"^ratio {what}.*?: ([0-9.eE+-]+)x", out, flags=re.M)]
+    assert values, f"no 'ratio {what}' line in:\n{out}"
+    assert all(math.isfinite(v) and v > 0 for v in values), values
+    return values
+
+
+def table_rows(out: str) -> list[list[str]]:
+    lines = [ln for ln in out.splitlines() if ln.startswith("|")]
+    assert len(lines) >= 3 and set(lines[1]) <= {"|", "-"}, out  # header, separator, rows
+    return [[c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:]]
+
+
+def test_train_step_smoke():
+    out = run("train_step.py")
+    rows = table_rows(out)
+    assert [r[0].split(":")[0].split(" (")[0] for r in rows] == ["naive", "sam_train", "naive", "sam_train"]
+    for row in rows:
+        assert float(row[1]) > 0 and float(row[4]) > 0  # images/s and counted GFLOP per step
+    assert rows[0][3].endswith("iB") and rows[1][3].endswith("iB")  # peak memory of both full steps
+    ratios(out, "sam_train / naive images/s")
+    ratios(out, "encoder fwd\\+bwd")
+
+
+def test_decoder_only_smoke():
+    out = run("decoder_only.py")
+    rows = table_rows(out)
+    assert [r[0].split(" (")[0] for r in rows] == ["frozen image encoder", "cached embeddings",
+                                                   "one-off embedding pass"]
+    assert all(float(r[1]) > 0 for r in rows)
+    ratios(out, "cached / frozen-encoder images/s")
+
+
+@pytest.mark.slow
+def test_train_step_ddp_smoke():
+    out = run("train_step.py", "--skip-baseline", "--ddp", "2")
+    ratios(out, "DDP 2 processes / 1 process images/s")

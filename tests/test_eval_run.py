@@ -1,0 +1,127 @@
+"""Evaluation runner (sam_train.eval.run / volumes): filled-box Dice against a numpy computation, the
+attack path at eps = 0, and the 3D reassembly + NIfTI geometry with ground-truth predictions."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from sam_train.data.datamodule import SamDataModule
+from sam_train.data.demo import prepare_mni_demo
+from sam_train.data.medical import MedicalSliceDataset
+from sam_train.data.synthetic import ToyShapesDataset
+from sam_train.data.transforms import SamTransform
+from sam_train.eval.run import evaluate_after_fit, load_eval_model, run_evaluation
+from sam_train.eval.saving import load_label_volume, read_geometry
+from sam_train.eval.volumes import VolumeCollector
+from sam_train.models.checkpoint import save_sam_checkpoint
+
+
+def toy_datamodule(n: int = 4) -> SamDataModule:
+    val = ToyShapesDataset(n=n, size=40, seed=3, transform=SamTransform(256))
+    return SamDataModule(train=None, val=val, batch_size=2)
+
+
+def numpy_filled_box_dice(dataset) -> float:
+    """Dice of the filled tight box per (image, class), summed over the image's objects, averaged."""
+    sums = defaultdict(lambda: np.zeros(3))
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        for mask, cls in zip(sample["masks"].numpy(), sample["class_ids"].tolist(), strict=True):
+            ys, xs = np.nonzero(mask)
+            box = np.zeros_like(mask)
+            box[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
+            sums[(sample["id"], cls)] += [(box & mask).sum(), box.sum(), mask.sum()]
+    return float(np.mean([2 * i / (p + g) for i, p, g in sums.values()]))
+
+
+def test_evaluate_after_fit_filled_box_matches_numpy(tiny_sam, tmp_path):
+    dm = toy_datamodule()
+    cfg = OmegaConf.create(
+        {
+            "seed": 0,
+            "evaluate": {
+                "modes": ["box", "filled_box"],
+                "num_overlays": 3,
+                "device": "cpu",
+                "volumes": {"enabled": True},
+            },
+        }
+    )
+    flat = evaluate_after_fit(cfg, tiny_sam, dm, tmp_path)
+    assert set(flat) == {"eval/box/dice", "eval/box/iou", "eval/filled_box/dice", "eval/filled_box/iou"}
+    assert abs(flat["eval/filled_box/dice"] - numpy_filled_box_dice(dm.val)) < 1e-9
+    assert 0.0 <= flat["eval/box/dice"] <= 1.0
+    assert flat["eval/box/iou"] <= flat["eval/box/dice"] + 1e-12  # IoU <= Dice for every case
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["summary"] == flat
+    assert metrics["num_images"] == 4
+    assert len(list((tmp_path / "overlays").glob("*.png"))) == 3
+    assert not (tmp_path / "predictions").exists()  # toy data: no volumes, no 2D prediction format asked
+
+
+def test_attack_with_eps_zero_reports_clean_equal_attacked(tiny_sam, tmp_path):
+    opts = {
+        "modes": ["filled_box"],
+        "num_overlays": 0,
+        "seed": 0,
+        "attack": {"eps": [0.0], "steps": 1, "max_images": 2, "prompts": ["point", "box"]},
+    }
+    result = run_evaluation(tiny_sam, toy_datamodule(2).val_dataloader(), opts, tmp_path)
+    attack = result["attack"]
+    assert attack["num_objects"] > 0
+    for prompt in ("point", "box"):
+        assert attack["clean"][prompt] == attack["attacked"][0.0][prompt]
+        assert (
+            result["summary"][f"eval/attack/clean/{prompt}/iou"] == result["summary"][f"eval/attack/eps=0/{prompt}/iou"]
+        )
+    assert attack["embedding_distance"][0.0] == 0.0
+
+
+def test_volumes_of_ground_truth_slices_are_exact_with_image_geometry(tmp_path):
+    root = prepare_mni_demo(tmp_path / "mni", n_cases=6)
+    dataset = MedicalSliceDataset(root, subset="val", val_fraction=0.34, min_area=0)
+    collector = VolumeCollector.for_dataset(dataset)
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        collector.add(sample, sample["masks"], sample["class_ids"])
+    result = collector.finish(tmp_path / "run", {"save": True, "metrics": ["dice", "hd95"]})
+    assert result["incomplete_cases"] == []
+    assert sorted(result["files"]) == dataset.case_ids
+    for case in dataset.cases:
+        pred, geometry = load_label_volume(result["files"][case.case_id])
+        gt, _ = load_label_volume(case.label)
+        assert np.array_equal(pred, gt)
+        assert geometry.allclose(read_geometry(case.images[0]))
+    for name in ("grey matter", "white matter"):
+        assert result["summary"]["per_class"][name]["dice"]["mean"] == 1.0
+        assert result["summary"]["per_class"][name]["hd95"]["mean"] == 0.0
+
+
+def test_volumes_skip_cases_with_unpredicted_slices(tmp_path):
+    root = prepare_mni_demo(tmp_path / "mni", n_cases=6)
+    dataset = MedicalSliceDataset(root, subset="val", val_fraction=0.34, min_area=0)
+    collector = VolumeCollector.for_dataset(dataset)
+    sample = dataset[0]  # one slice of the first case only
+    collector.add(sample, sample["masks"], sample["class_ids"])
+    result = collector.finish(tmp_path / "run", {"save": True})
+    assert result["incomplete_cases"] == [sample["case_id"]]
+    assert result["files"] == {} and result["per_case"] == {}
+    assert VolumeCollector.for_dataset(toy_datamodule(1).val) is None
+    assert torch.is_tensor(sample["masks"])
+
+
+def test_load_eval_model_reads_official_and_lightning_layouts(tiny_sam, tmp_path):
+    official = save_sam_checkpoint(tiny_sam, tmp_path / "tiny.pth")
+    lightning = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in tiny_sam.state_dict().items()}, "epoch": 0}, lightning)
+    model_cfg = {"_target_": "sam_train.models.build_sam", "name": "vit_t", "checkpoint": None}
+    for path in (official, lightning):
+        model = load_eval_model(OmegaConf.create({"checkpoint": str(path), "model": model_cfg, "finetune": None}))
+        loaded, expected = model.state_dict(), tiny_sam.state_dict()
+        assert loaded.keys() == expected.keys()
+        assert all(torch.equal(loaded[k], expected[k]) for k in expected)
