@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench_mae_downstream"), help="work directory")
     parser.add_argument("--pretrain-steps", type=int, default=400)
-    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--finetune-steps", type=int, default=300, help="as recipe medical_demo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--smoke", action="store_true", help="3 pretraining and 2 fine-tuning steps")

@@ -28,6 +28,7 @@ import contextlib
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from common import (
     adamw,
-    make_module,
-    prompt_config,
-    sam_train_step,
     build_official_sam,
     check_ratio,
     count_flops,
@@ -46,10 +44,13 @@ from common import (
     fmt_bytes,
     interleaved_seconds,
     make_batch,
+    make_module,
     mfu,
     naive_train_step,
     peak_memory,
     print_table,
+    prompt_config,
+    sam_train_step,
 )
 from torch import nn
 
@@ -130,17 +131,14 @@ def _ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace, out:
 
     step(0)  # warm-up
     dist.barrier()
-    start = torch.tensor(0.0)
-    import time
-
     t0 = time.perf_counter()
     for i in range(args.steps):
         step(i + 1)
     dist.barrier()
-    start += time.perf_counter() - t0
-    dist.all_reduce(start, op=dist.ReduceOp.MAX)
+    elapsed = torch.tensor(time.perf_counter() - t0)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
     if rank == 0:
-        Path(out).write_text(str(world * args.batch_size * args.steps / float(start)))
+        Path(out).write_text(str(world * args.batch_size * args.steps / float(elapsed)))
     dist.destroy_process_group()
 
 
@@ -170,7 +168,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.set_num_threads(args.threads)
     args.model = args.model or ("vit_b" if device.type == "cuda" else "vit_t")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
-    peak = args.peak_tflops if args.peak_tflops is not None else (H100_BF16_DENSE_TFLOPS if device.type == "cuda" else None)
+    peak = args.peak_tflops
+    if peak is None and device.type == "cuda":
+        peak = H100_BF16_DENSE_TFLOPS
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # the naive fp32 baseline is what forks run: true fp32
 

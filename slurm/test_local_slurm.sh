@@ -82,12 +82,17 @@ finished() { [[ $(job_state) == COMPLETED ]]; }
 wait_for "job completion" finished || true
 log "job ended after ${SECONDS}s"
 
-ckpt_step() {  # global_step stored in a Lightning checkpoint, -1 if unreadable
-    "$REPO/.venv/bin/python" -c 'import sys, torch
-print(torch.load(sys.argv[1], map_location="cpu", weights_only=False)["global_step"])' "$1" 2>/dev/null || echo -1
-}
-SIGNAL_STEP=$(ckpt_step "$WORK/signal.ckpt")
-FINAL_STEP=$(ckpt_step "$RUN_DIR/checkpoints/last.ckpt")
+# global_step of the checkpoint saved on the signal and of the final one (-1: missing / unreadable).
+read -r SIGNAL_STEP FINAL_STEP < <("$REPO/.venv/bin/python" - "$WORK/signal.ckpt" "$RUN_DIR/checkpoints/last.ckpt" <<'EOF'
+import sys, torch
+def step(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    except Exception:
+        return -1
+print(*(step(p) for p in sys.argv[1:]))
+EOF
+)
 RESTORED=$(sed -n '/SLURM_RESTART_COUNT=1/,$p' "$OUT" |
     sed -n 's/.*Restoring states from the checkpoint path at \([^ ]*\.ckpt\).*/\1/p' | head -1)
 

@@ -91,7 +91,7 @@ def test_annotation_page_click_accept_save(image_dir: Path, tmp_path: Path):
                 page.wait_for_function(f"annot.latencies.length > {n_before}", timeout=30_000)
 
             # click-to-mask latency over several single clicks (each undone again with 'z')
-            for k, (x, y) in enumerate([(10, 10), (50, 20), (20, 50), (40, 40), (30, 12)]):
+            for x, y in [(10, 10), (50, 20), (20, 50), (40, 40), (30, 12)]:
                 click(x, y, len(page.evaluate("annot.latencies")))
                 assert int(page.get_attribute("#canvas", "data-mask-area")) > 0
                 page.keyboard.press("z")  # undo the click: no prompt, no mask

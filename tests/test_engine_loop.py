@@ -48,6 +48,8 @@ def test_two_rounds_on_cpu_log_both_rounds(tmp_path: Path, capsys):
         assert r["autolabel_images"] == 3 and r["autolabel_vs_known"] is not None
         assert Path(r["weights"]).is_file()
         assert (tmp_path / "run" / f"round_{r['round']}" / "autolabel" / "stats.json").is_file()
+        assert (tmp_path / "run" / f"round_{r['round']}" / "logs" / "metrics.csv").is_file()  # each round its own logs
+    assert not (tmp_path / "run" / "logs").exists()
     # round 0 trains on the 4 labelled images; round 1 on those plus the autolabelled pool images
     assert rounds[0]["train_images"] == 4
     assert rounds[0]["shards"], "round 0 wrote no autolabels: round 1 would not test the union"

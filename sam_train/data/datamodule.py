@@ -32,18 +32,37 @@ class ResumableSampler(DistributedSampler):
     `epoch * len(dataset) + index` so the dataset knows the epoch of each read.
 
     A DistributedSampler, so Lightning keeps it under DDP (and calls `set_epoch`) instead of replacing
-    it; with no process group it is the whole dataset on one replica. Holds no running RNG state: after
-    a resume, StatefulDataLoader fast-forwards it by the number of indices already consumed.
+    it; with no process group it is the whole dataset on one replica. Its state is (epoch, indices
+    yielded in this epoch): StatefulDataLoader saves it, and a restored sampler continues the same
+    epoch's order where it stopped (Lightning creates the resumed iterator before it calls set_epoch,
+    so the epoch must come from the state).
     """
 
     def __init__(self, dataset: Any, *, shuffle: bool = True, seed: int = 0) -> None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         replicas = {} if distributed else {"num_replicas": 1, "rank": 0}
         super().__init__(dataset, shuffle=shuffle, seed=seed, drop_last=False, **replicas)
+        self.yielded = 0
+        self._resume_at = 0
 
     def __iter__(self) -> Iterator[int]:
-        n = len(self.dataset)
-        return (self.epoch * n + int(i) for i in super().__iter__())
+        n, epoch = len(self.dataset), self.epoch
+        start, self._resume_at = self._resume_at, 0
+        self.yielded = start
+        for i in list(super().__iter__())[start:]:
+            self.yielded += 1
+            yield epoch * n + int(i)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self.epoch = int(state_dict["epoch"])
+        self._resume_at = int(state_dict["yielded"])
+        if self._resume_at >= len(self):
+            # saved after the epoch's last batch: Lightning reuses this restored iterator for the next
+            # epoch, so it must yield the next epoch's order (not nothing, which would skip an epoch)
+            self.epoch, self._resume_at = self.epoch + 1, 0
 
 
 class EpochSeededDataset(Dataset):

@@ -114,7 +114,8 @@ class _Shard:
             self.file = safe_open(str(path), framework="pt")
             header = self.file.metadata() or {}
             if header.get("format") != FORMAT:
-                raise DataError(f"{path}: not an embedding shard (format {header.get('format')!r}, expected {FORMAT!r})")
+                found = header.get("format")
+                raise DataError(f"{path}: not an embedding shard (format {found!r}, expected {FORMAT!r})")
             self.img_size = int(header["img_size"])
             self.model = json.loads(header["model"])
             self.ids = json.loads(header["ids"])

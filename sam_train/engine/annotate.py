@@ -307,21 +307,36 @@ def export_images(dataset: Any, out_dir: Path) -> Path:
     return out_dir
 
 
+def image_folder_from_config(cfg: Any) -> Path:
+    """`images=<folder>`, or `data=<config>`: that data config's `split` dataset, untransformed, as PNGs
+    in `<out's folder>/images`."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf, open_dict
+
+    if cfg.get("images"):
+        folder = Path(cfg.images)
+        if not folder.is_dir():
+            raise DataError(f"images={folder}: not a folder (expected a folder of images)")
+        return folder
+    if cfg.get("data") is None:
+        raise DataError("annotate needs images=<folder of images> or data=<data config> (e.g. data=toy_shapes)")
+    split = cfg.data.get(cfg.split)
+    if split is None:
+        raise DataError(f"data config has no {cfg.split!r} dataset (split=train | val)")
+    split = OmegaConf.create(OmegaConf.to_container(split, resolve=True))  # detached: resolve first
+    with open_dict(split):
+        split.transform = None  # the page shows original images
+    return export_images(instantiate(split), Path(cfg.out).parent / "images")
+
+
 def serve_from_config(cfg: Any) -> None:
     """Entry point of `sam-train annotate` (configs/annotate.yaml): serve until Ctrl-C."""
-    from hydra.utils import instantiate
-
     from sam_train.engine.autolabel import load_model
 
+    image_dir = image_folder_from_config(cfg)
     model = load_model(cfg.model, cfg.device)
-    if isinstance(cfg.data, str):
-        image_dir = Path(cfg.data)
-    else:  # a dataset config: its images become PNG files next to the output json
-        image_dir = export_images(instantiate(cfg.data), Path(cfg.out).parent / "images")
-    if not image_dir.is_dir():
-        raise DataError(f"data={image_dir}: not a folder (expected a folder of images or a dataset config)")
     server = AnnotationServer(AnnotationSession(model, image_dir, cfg.out), host=cfg.host, port=cfg.port)
-    print(f"annotation page: {server.url}  (images: {image_dir}, saving to {cfg.out}; Ctrl-C to stop)")
+    print(f"annotation page: {server.url}  (images: {image_dir}, saving to {cfg.out}; Ctrl-C to stop)", flush=True)
     try:
         server.httpd.serve_forever()
     except KeyboardInterrupt:

@@ -209,12 +209,14 @@ class AutolabelReport:
         if "vs_known" in s:
             lines.append(f"vs known objects (IoU>=0.5): recall {s['vs_known']['recall']:.3f} "
                          f"precision {s['vs_known']['precision']:.3f}")
+        per_image = s["histograms"]["masks_per_image"]
+        lines.append("model masks per image: " + ", ".join(f"{k}: {n} images" for k, n in enumerate(per_image) if n))
         for name in ("predicted_iou", "stability_score"):
             hist = s["histograms"][name]
             top = max(hist) or 1
             lines.append(f"{name} histogram:")
-            lines += [f"  [{lo:.1f}, {lo + 0.1:.1f}) {n:6d} {'#' * round(30 * n / top)}"
-                      for lo, n in zip(HIST_BINS[:-1], hist, strict=True)]
+            lines += [f"  [{lo:.1f}, {hi:.1f}{']' if hi == 1 else ')'} {n:6d} {'#' * round(30 * n / top)}"
+                      for lo, hi, n in zip(HIST_BINS[:-1], HIST_BINS[1:], hist, strict=True)]
         return "\n".join(lines)
 
     def save(self, path: str | Path) -> Path:

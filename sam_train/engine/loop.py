@@ -47,10 +47,11 @@ def round_config(
 ) -> DictConfig:
     """The fit config of one round: its own run dir, weights from the previous round (`init`), training
     data = the configured labelled set, plus `extra_shards` (autolabelled) when given."""
+    rcfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    rcfg.run_dir = str(run_dir)  # before resolving: loggers and checkpoints follow ${run_dir}
     # resolved: replacing data.train must not break interpolations that point into it (data.val's transform)
-    rcfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    rcfg = OmegaConf.create(OmegaConf.to_container(rcfg, resolve=True))
     with open_dict(rcfg):
-        rcfg.run_dir = str(run_dir)
         rcfg.ckpt_path = None
         if init is not None:
             rcfg.model.checkpoint = init
