@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test test-fast lint bench slurm-test clean
+.PHONY: setup browser demo test test-fast lint bench slurm-test clean
 
 setup: $(STAMP)
 
@@ -15,10 +15,14 @@ $(STAMP): pyproject.toml constraints.txt
 	rm -f $(VENV)/.installed-*
 	touch $@
 
+# Debian's Chromium for the annotation page's real-browser test (playwright drives it; no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
 demo: setup
 	$(BIN)/sam-train fit recipe=medical_demo
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q tests
 
 test-fast: setup

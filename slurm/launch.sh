@@ -1,6 +1,7 @@
 # Shared body of the sbatch scripts in slurm/ (sourced, not run): `sam_train_srun COMMAND [key=value ...]`
 # starts one `sam-train COMMAND` per Slurm task with srun; Lightning's SLURM environment then takes
-# rank, world size and MASTER_ADDR from srun's variables, and requeues the job on SIGUSR1.
+# rank, world size and MASTER_ADDR from srun's variables. On SIGUSR1 (--signal) training saves
+# <run_dir>/checkpoints/last.ckpt and runs `scontrol requeue`; the rerun resumes from it.
 #
 # Set by this helper (your overrides come after them, so they win):
 #   trainer.devices    = tasks per node (one task per GPU)

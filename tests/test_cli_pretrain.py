@@ -22,6 +22,7 @@ from sam_train.cli import CONFIG_DIR
 from sam_train.errors import SamTrainError
 from sam_train.models import build_sam
 from sam_train.pretrain import pretrain
+from sam_train.train import fit
 
 PRETRAIN_STEPS = 4
 
@@ -104,13 +105,16 @@ def test_export_then_fit_starts_from_mae_weights(pretrained, tmp_path):
     for key in block_keys + ["patch_embed.proj.weight"]:
         assert torch.equal(enc[key], mae_sd[f"model.{key}"]), key
 
+    # `sam-train fit ... model.checkpoint=<out>` composes this config and calls `fit` (in-process: one
+    # interpreter start less)
     fit_dir = tmp_path / "fit"
-    proc = sam_train(
-        "fit", "trainer=cpu", f"model.checkpoint={out}", "trainer.max_steps=2", f"run_dir={fit_dir}",
-        "data.train.n=4", "data.val.n=2", "data.batch_size=2", "prompts=box_only", "optim.scheduler.warmup_steps=1",
-        "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", cwd=tmp_path,
+    cfg = _compose(
+        "fit",
+        ["trainer=cpu", f"model.checkpoint={out}", "trainer.max_steps=2", f"run_dir={fit_dir}", "data.train.n=4",
+         "data.val.n=2", "data.batch_size=2", "prompts=box_only", "optim.scheduler.warmup_steps=1",
+         "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false"],
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fit(cfg)
     tuned = torch.load(fit_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     torch.manual_seed(0)
     random_init = build_sam("vit_t").image_encoder.state_dict()

@@ -80,8 +80,9 @@ def test_truncated_file_is_a_clear_error(tmp_path):
 
 def test_lightning_checkpoint_of_sam_module_loads_weights_only(tmp_path, tiny_sam):
     """Our own LightningModule's checkpoints (hyper-parameters included) pass weights_only=True."""
-    import lightning.pytorch as pl
     from functools import partial
+
+    import lightning.pytorch as pl
 
     from sam_train.lit.sam_module import SamModule
     from sam_train.losses.sam_loss import SamLossConfig

@@ -60,9 +60,7 @@ def build(tiny_sam, nan_steps=()):
         report_iterations=(1,),
     )
     module.nan_steps = tuple(nan_steps)
-    data = SamDataModule(
-        train=ToyShapesDataset(n=8, size=32, transform=SamTransform(256)), batch_size=2, num_workers=0
-    )
+    data = SamDataModule(train=ToyShapesDataset(n=8, size=32, transform=SamTransform(256)), batch_size=2, num_workers=0)
     return module, data
 
 

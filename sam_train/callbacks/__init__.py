@@ -4,6 +4,7 @@ rank failures, bad-sample monitoring, fault injection for tests."""
 from sam_train.callbacks.checkpoint_io import AtomicCheckpointIO, atomic_torch_save, load_weights_only
 from sam_train.callbacks.data_skips import SkipMonitor
 from sam_train.callbacks.distributed import RankFailureReporter
+from sam_train.callbacks.epoch_end import EpochEndCheckpoint
 from sam_train.callbacks.fault_injection import FaultInjection, InjectedFault
 from sam_train.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
 from sam_train.callbacks.preemption import EXIT_REQUEUE, Preempted, PreemptionCheckpoint
@@ -11,6 +12,7 @@ from sam_train.callbacks.preemption import EXIT_REQUEUE, Preempted, PreemptionCh
 __all__ = [
     "EXIT_REQUEUE",
     "AtomicCheckpointIO",
+    "EpochEndCheckpoint",
     "FaultInjection",
     "InjectedFault",
     "NonFiniteError",

@@ -67,9 +67,10 @@ def load_weights_only(path: str | Path, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), None)
+        lines = str(err).splitlines()
+        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
         raise CheckpointError(
-            f"{path}: refused to load, the pickle needs arbitrary code to unpickle ({reason or str(err).splitlines()[0]}). "
+            f"{path}: refused to load, the pickle needs arbitrary code to unpickle ({reason}). "
             f"Checkpoints are read with torch.load(weights_only=True), which allows only tensors and plain "
             f"containers, because an untrusted pickle can execute code. Re-save it as a plain state dict "
             f"(or .safetensors) from a trusted environment."

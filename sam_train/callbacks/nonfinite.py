@@ -95,7 +95,13 @@ class NonFiniteGuard(pl.Callback):
         log.warning(
             "rank %d step %d: non-finite %s (loss=%s), optimiser step skipped (%d skipped in total, %d in a row); "
             "batch ids: %s",
-            trainer.global_rank, trainer.global_step, what, loss_value, self.skipped, self.consecutive, ids,
+            trainer.global_rank,
+            trainer.global_step,
+            what,
+            loss_value,
+            self.skipped,
+            self.consecutive,
+            ids,
         )
         pl_module.log("train/skipped_steps", float(self.skipped), rank_zero_only=True)
         if self.consecutive >= self.max_consecutive:

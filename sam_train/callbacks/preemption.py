@@ -6,11 +6,13 @@ What Lightning already does (2.6, kept as is):
 - Under Slurm (`SLURMEnvironment(auto_requeue=True)`, detected automatically), SIGUSR1 makes Lightning
   write `hpc_ckpt_<n>.ckpt` from inside the signal handler and run `scontrol requeue <job>`.
 
-What this callback adds: on SIGTERM or SIGUSR1 it writes `<checkpoint dir>/last.ckpt` at the next
-optimiser-step boundary (a consistent state: model, optimiser, scheduler, loops, data-loader position;
-never mid-step), on every rank at the same step, then stops with `Preempted` (exit code EXIT_REQUEUE =
-75, BSD's EX_TEMPFAIL "try again later"). Running the same command again resumes from last.ckpt.
-Lightning's Slurm handler (hpc checkpoint + requeue) still runs: this callback chains to it.
+What this callback adds: on SIGTERM or SIGUSR1 it writes `<checkpoint dir>/last.ckpt` at the end of the
+optimiser step during which the signal arrived (a consistent state: model, optimiser, scheduler, loops,
+data-loader position; never mid-step), on every rank at the same step. Training then stops: SIGTERM
+through Lightning's own SIGTERMException (after the step's metrics are logged), SIGUSR1 through
+`Preempted` before the next step. `sam_train.train.fit` turns both into exit code EXIT_REQUEUE = 75
+(BSD's EX_TEMPFAIL, "try again later"). Running the same command again resumes from last.ckpt.
+Lightning's Slurm handler (hpc checkpoint + `scontrol requeue`) still runs: this callback chains to it.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class PreemptionCheckpoint(pl.Callback):
         self.filename = filename
         self.exit_code = exit_code
         self.received: int | None = None
+        self._message: str | None = None  # set once the preemption checkpoint is written
         self._previous: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ signal handling
@@ -79,7 +82,7 @@ class PreemptionCheckpoint(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning registers its handlers just before the training loop starts: chain after them.
-        self.received = None
+        self.received, self._message = None, None
         for signum in self.signals:
             try:
                 self._previous[signum] = signal.getsignal(signum)
@@ -102,8 +105,24 @@ class PreemptionCheckpoint(pl.Callback):
         flag = torch.tensor(float(self.received is not None or trainer.received_sigterm), device=pl_module.device)
         if trainer.world_size > 1:  # ranks get the signal at slightly different times: agree on the step
             flag = trainer.strategy.reduce(flag, reduce_op="max")
-        if not bool(flag):
+        if bool(flag) and self._message is None:
+            self._message = self._save(trainer)
+        # No raise here: Lightning still logs this step's metrics, then raises SIGTERMException itself
+        # (SIGTERM), or on_train_batch_start raises Preempted before the next step (SIGUSR1).
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        if self._message is not None:
+            raise Preempted(self._message, self.exit_code)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # SIGTERM during validation (Lightning raises SIGTERMException there): save then too; in DDP only
+        # where every rank is known to stop at the same point.
+        if not isinstance(exception, SIGTERMException) or self._message is not None:
             return
+        if trainer.world_size == 1:
+            self._message = self._save(trainer)
+
+    def _save(self, trainer: pl.Trainer) -> str:
         path = self._checkpoint_dir(trainer) / self.filename
         trainer.save_checkpoint(path)
         name = signal.Signals(self.received).name if self.received is not None else "SIGTERM"
@@ -112,7 +131,7 @@ class PreemptionCheckpoint(pl.Callback):
             f"in {path}; exiting with code {self.exit_code}; run the same command again to resume"
         )
         log.warning(message)
-        raise Preempted(message, self.exit_code)
+        return message
 
     def _checkpoint_dir(self, trainer: pl.Trainer) -> Path:
         callback = trainer.checkpoint_callback

@@ -1,0 +1,30 @@
+"""last.ckpt at the end of every epoch, written at the step boundary of the epoch's last batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+
+class EpochEndCheckpoint(pl.Callback):
+    """Saves `<checkpoint dir>/<filename>` after the last optimiser step of every `every_n_epochs`-th epoch.
+
+    Why not ModelCheckpoint(save_on_train_epoch_end=True): Lightning 2.6 resumes a checkpoint written in
+    `on_train_epoch_end` with the sampler one epoch ahead (it sets the epoch from a progress counter that
+    is already incremented there), so the resumed run would not see the same batches. Saved here, at the
+    same point as the step checkpoints, the resume is exact.
+    """
+
+    def __init__(self, *, every_n_epochs: int = 1, filename: str = "last.ckpt") -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.every_n_epochs = every_n_epochs
+        self.filename = filename
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if last and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            callback = trainer.checkpoint_callback
+            root = Path(callback.dirpath) if callback is not None and callback.dirpath else None
+            trainer.save_checkpoint((root or Path(trainer.default_root_dir) / "checkpoints") / self.filename)
