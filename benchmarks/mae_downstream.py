@@ -7,7 +7,7 @@
 3. Fine-tune both with recipe medical_demo, the same steps, seed and data order.
 4. Print box-prompt Dice / IoU on the held-out cases (and the filled-box baseline) for both.
 
-    python benchmarks/mae_downstream.py            # ~5-10 minutes on a CPU
+    python benchmarks/mae_downstream.py            # ~10-15 minutes on 2 busy CPU cores
     python benchmarks/mae_downstream.py --smoke    # a few steps each: checks the pipeline runs
 """
 

@@ -72,7 +72,7 @@ def build_sam_module(cfg: DictConfig) -> pl.LightningModule:
 def fit(cfg: DictConfig) -> dict[str, float]:
     """Train / fine-tune SAM as configured; returns the final logged metrics."""
     pl.seed_everything(cfg.seed, workers=True)
-    if cfg.get("matmul_precision"):
+    if cfg.get("matmul_precision") and torch.cuda.is_available():  # TF32 on GPUs; on CPUs it only slows down
         torch.set_float32_matmul_precision(cfg.matmul_precision)
     run_dir = prepare_run_dir(cfg)
     datamodule = instantiate(cfg.data)
