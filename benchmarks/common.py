@@ -8,6 +8,7 @@ relative-position terms, the loss of each object computed on its own.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
@@ -27,6 +28,59 @@ from sam_train.models.registry import SamConfig, sam_config
 from sam_train.prompts.interactive import PromptSimulationConfig, iteration_schedule
 
 Step = Callable[[], Any]
+
+
+# ----------------------------------------------------------------------------- command line
+def benchmark_parser(description: str | None, *, gpu_model: str, objects: int, steps: int,
+                     precision_help: str) -> argparse.ArgumentParser:
+    """A parser with the options of every training benchmark (each script passes its own defaults);
+    the script adds its own options, then calls `parse_common_args`."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, gpu_model=gpu_model, objects=objects, steps=steps, precision_help=precision_help)
+    return p
+
+
+def add_common_args(p: argparse.ArgumentParser, *, gpu_model: str, objects: int, steps: int,
+                    precision_help: str) -> None:
+    """The options of every training benchmark; each script passes its own defaults."""
+    p.add_argument("--model", default=None,
+                   help=f"vit_t | vit_b | vit_l | vit_h (default: {gpu_model} on GPU, vit_t on CPU)")
+    p.add_argument("--img-size", type=int, default=None, help="model input side (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per step")
+    p.add_argument("--objects", type=int, default=objects, help="masks per image")
+    p.add_argument("--iterations", type=int, default=11, help="prompt iterations per object")
+    p.add_argument("--steps", type=int, default=steps, help="timed steps per side (median reported)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help=precision_help)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--smoke", action="store_true", help="vit_t, tiny batch, 3 iterations, 1 step: seconds")
+
+
+def parse_common_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse `argv`; `--smoke` shrinks the run to vit_t at 128 px (unless --img-size), 2 images x 2 objects,
+    3 prompt iterations, 1 timed step."""
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.batch_size, args.objects, args.iterations, args.steps = "vit_t", 2, 2, 3, 1
+        args.img_size = args.img_size or 128
+    return args
+
+
+def setup_run(args: argparse.Namespace, *, gpu_model: str) -> tuple[torch.device, bool]:
+    """(device, bf16) of the run: applies --threads and fills in the default --model (`gpu_model` on a GPU,
+    vit_t on CPU). bf16 autocast is the default on a GPU only (bf16 matmuls are slow on CPU)."""
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.model = args.model or (gpu_model if device.type == "cuda" else "vit_t")
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    return device, bf16
+
+
+def size_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """`build_sam` keyword overrides from --img-size (none: the model's own input side)."""
+    return {"img_size": args.img_size} if args.img_size else {}
 
 
 # ----------------------------------------------------------------------------- models

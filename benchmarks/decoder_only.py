@@ -26,15 +26,19 @@ from itertools import cycle
 import torch
 from common import (
     adamw,
+    benchmark_parser,
     check_ratio,
     count_flops,
     describe_device,
     interleaved_seconds,
     make_batch,
     make_module,
+    parse_common_args,
     print_table,
     prompt_config,
     sam_train_step,
+    setup_run,
+    size_overrides,
     synchronize,
 )
 from torch.utils.data import DataLoader
@@ -44,26 +48,14 @@ from sam_train.embed import embed_dataset
 from sam_train.finetune import apply_finetune
 from sam_train.models import build_sam
 
+GPU_MODEL = "vit_h"  # default --model on a GPU
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="vit_t | vit_b | vit_l | vit_h (default: vit_h on GPU, vit_t on CPU)")
-    p.add_argument("--img-size", type=int, default=None, help="model input side (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per step")
-    p.add_argument("--objects", type=int, default=16, help="masks per image")
-    p.add_argument("--iterations", type=int, default=11, help="prompt iterations per object")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per side (median reported)")
+    p = benchmark_parser(__doc__, gpu_model=GPU_MODEL, objects=16, steps=4,
+                         precision_help="autocast of both sides (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--dtype", default="fp16", help="embedding storage: fp16 | bf16 | fp32")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="autocast of both sides (auto: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--smoke", action="store_true", help="vit_t, tiny batch, 3 iterations, 1 step: seconds")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.model, args.batch_size, args.objects, args.iterations, args.steps = "vit_t", 2, 2, 3, 1
-        args.img_size = args.img_size or 128
-    return args
+    return parse_common_args(p, argv)
 
 
 def forever(loader):
@@ -91,15 +83,9 @@ class _Images(torch.utils.data.Dataset):
 
 def main(argv: list[str] | None = None) -> float:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.model = args.model or ("vit_h" if device.type == "cuda" else "vit_t")
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    device, bf16 = setup_run(args, gpu_model=GPU_MODEL)
     torch.manual_seed(0)
-    size = {"img_size": args.img_size} if args.img_size else {}
-    model = apply_finetune(build_sam(args.model, **size), freeze=["image_encoder"]).to(device).train()
+    model = apply_finetune(build_sam(args.model, **size_overrides(args)), freeze=["image_encoder"]).to(device).train()
     cfg = prompt_config(args.iterations)
     module = make_module(model, cfg)
     opt = adamw(model.parameters(), fused=True)

@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from common import (
     adamw,
+    benchmark_parser,
     build_official_sam,
     check_ratio,
     count_flops,
@@ -47,10 +48,13 @@ from common import (
     make_module,
     mfu,
     naive_train_step,
+    parse_common_args,
     peak_memory,
     print_table,
     prompt_config,
     sam_train_step,
+    setup_run,
+    size_overrides,
 )
 from torch import nn
 
@@ -60,33 +64,20 @@ from sam_train.models import build_sam
 from sam_train.prompts.interactive import PromptSimulationConfig
 
 H100_BF16_DENSE_TFLOPS = 989.0
+GPU_MODEL = "vit_b"  # default --model on a GPU
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="vit_t | vit_b | vit_l | vit_h (default: vit_b on GPU, vit_t on CPU)")
-    p.add_argument("--img-size", type=int, default=None, help="model input side (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per step")
-    p.add_argument("--objects", type=int, default=8, help="masks per image")
-    p.add_argument("--iterations", type=int, default=11, help="prompt iterations per object")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per side (median reported)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="sam_train side (auto: bf16 on GPU, fp32 on CPU, where bf16 matmuls are slow)")
+    p = benchmark_parser(__doc__, gpu_model=GPU_MODEL, objects=8, steps=3,
+                         precision_help="sam_train side (auto: bf16 on GPU, fp32 on CPU, where bf16 matmuls are slow)")
     p.add_argument("--compile", action="store_true", help="torch.compile the sam_train image encoder")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing (sam_train side)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"peak of the device for MFU (default {H100_BF16_DENSE_TFLOPS} = H100 bf16 dense on GPU; "
                         "none on CPU: FLOP/s only)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--skip-baseline", action="store_true", help="sam_train rows only (e.g. vit_h memory)")
     p.add_argument("--ddp", type=int, default=0, help="also measure CPU gloo DDP with 1 vs N processes")
-    p.add_argument("--smoke", action="store_true", help="vit_t, tiny batch, 3 iterations, 1 step: seconds")
-    args = p.parse_args(argv)
-    if args.smoke:
-        args.model, args.batch_size, args.objects, args.iterations, args.steps = "vit_t", 2, 2, 3, 1
-        args.img_size = args.img_size or 128
-    return args
+    return parse_common_args(p, argv)
 
 
 def encoder_step_fn(encode, preprocess, images: torch.Tensor, bf16: bool, params):
@@ -119,7 +110,7 @@ def _ddp_worker(rank: int, world: int, port: int, args: argparse.Namespace, out:
     torch.set_num_threads(args.threads or 1)
     torch.manual_seed(0)
     cfg = prompt_config(args.iterations)
-    module = make_module(build_sam(args.model, **_size(args)), cfg)
+    module = make_module(build_sam(args.model, **size_overrides(args)), cfg)
     ddp = nn.parallel.DistributedDataParallel(_StepLoss(module, cfg), find_unused_parameters=True)
     opt = adamw(module.parameters(), fused=True)
     batch = make_batch(args.batch_size, module.model.img_size, args.objects, seed=rank)
@@ -155,19 +146,10 @@ def ddp_images_per_second(world: int, args: argparse.Namespace) -> float:
         return float(Path(out).read_text())
 
 
-def _size(args: argparse.Namespace) -> dict[str, Any]:
-    return {"img_size": args.img_size} if args.img_size else {}
-
-
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.model = args.model or ("vit_b" if device.type == "cuda" else "vit_t")
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    device, bf16 = setup_run(args, gpu_model=GPU_MODEL)
     peak = args.peak_tflops
     if peak is None and device.type == "cuda":
         peak = H100_BF16_DENSE_TFLOPS
@@ -175,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.backends.cuda.matmul.allow_tf32 = False  # the naive fp32 baseline is what forks run: true fp32
 
     torch.manual_seed(0)
-    ours = build_sam(args.model, grad_checkpointing=args.grad_checkpointing, **_size(args)).to(device).train()
+    ours = build_sam(args.model, grad_checkpointing=args.grad_checkpointing, **size_overrides(args)).to(device).train()
     cfg = prompt_config(args.iterations)
     module = make_module(ours, cfg)
     opt = adamw(ours.parameters(), fused=True)
@@ -184,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     enc_steps = {"sam_train": encoder_step_fn(ours.encode, ours.preprocess, batch["images"], bf16,
                                               list(ours.image_encoder.parameters()))}
     if not args.skip_baseline:
-        naive = build_official_sam(args.model, **_size(args)).to(device).train()
+        naive = build_official_sam(args.model, **size_overrides(args)).to(device).train()
         naive.load_state_dict(ours.state_dict())
         naive_opt = torch.optim.AdamW(naive.parameters(), lr=1e-5)
         gen = torch.Generator().manual_seed(0)

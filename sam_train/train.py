@@ -47,15 +47,27 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
+def build_plugins() -> list[Any]:
+    """Atomic checkpoint writes / weights_only reads; in a Slurm batch job, Slurm's environment without
+    Lightning's auto-requeue, whose SIGUSR1 handler saves inside the signal handler and can deadlock DDP
+    (PreemptionCheckpoint saves at the step boundary and runs `scontrol requeue` instead)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
     from sam_train.callbacks import AtomicCheckpointIO
 
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
     return instantiate(
         cfg.trainer,
         default_root_dir=str(run_dir),
         logger=build_loggers(cfg) or False,
         callbacks=build_callbacks(cfg),
-        plugins=[AtomicCheckpointIO()],  # atomic writes, weights_only=True reads
+        plugins=build_plugins(),
     )
 
 

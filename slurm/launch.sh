@@ -1,7 +1,8 @@
 # Shared body of the sbatch scripts in slurm/ (sourced, not run): `sam_train_srun COMMAND [key=value ...]`
 # starts one `sam-train COMMAND` per Slurm task with srun; Lightning's SLURM environment then takes
-# rank, world size and MASTER_ADDR from srun's variables. On SIGUSR1 (--signal) training saves
-# <run_dir>/checkpoints/last.ckpt and runs `scontrol requeue`; the rerun resumes from it.
+# rank, world size and MASTER_ADDR from srun's variables. On SIGUSR1 (--signal) all ranks save
+# <run_dir>/checkpoints/last.ckpt at the next step boundary, rank 0 runs `scontrol requeue`, every task
+# exits with code 75 (so does the batch script); the requeued job resumes from last.ckpt.
 #
 # Set by this helper (your overrides come after them, so they win):
 #   trainer.devices    = tasks per node (one task per GPU)

@@ -2,22 +2,29 @@
 # End-to-end requeue test on a real (local, one-node) Slurm: `make slurm-test`.
 #
 # Submits slurm/fit_single_node.sbatch as a 2-task CPU job (DDP over srun, vit_t, a few steps) with
-# periodic checkpoints off, sends SIGUSR1 once training is under way (what Slurm sends before a time
-# limit or preemption), and checks: the job was requeued, the rerun (SLURM_RESTART_COUNT=1) resumed
-# from the checkpoint saved on the signal (not step 0), and the job then completed at max_steps.
-# Exit 0 only if every check passes.
+# the periodic checkpoint only at the last step, sends SIGUSR1 once training is under way (what Slurm
+# sends before a time limit or preemption), and checks: the job was requeued, the rerun
+# (SLURM_RESTART_COUNT=1) resumed from the checkpoint saved on the signal (not step 0), and the job
+# then completed at max_steps. Exit 0 only if every check passes.
+#   bash slurm/test_local_slurm.sh                                        # sam-train fit
+#   SLURM_TEST_SCRIPT=slurm/pretrain_mae.sbatch bash slurm/test_local_slurm.sh   # sam-train pretrain
 #
 # Environment: SAM_TRAIN (the sam-train executable, default: the repository's .venv),
-# SLURM_TEST_STEPS (default 16), SLURM_TEST_OVERRIDES (the training config, default below),
+# SLURM_TEST_SCRIPT (default slurm/fit_single_node.sbatch), SLURM_TEST_STEPS (default 16),
+# SLURM_TEST_OVERRIDES (the training config, default below per script),
 # SLURM_TEST_TIMEOUT (seconds, default 600), SLURM_TEST_KEEP=1 keeps the work dir.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export SAM_TRAIN=${SAM_TRAIN:-$REPO/.venv/bin/sam-train}
+SCRIPT=${SLURM_TEST_SCRIPT:-slurm/fit_single_node.sbatch}
 STEPS=${SLURM_TEST_STEPS:-16}
 TIMEOUT=${SLURM_TEST_TIMEOUT:-600}
-read -r -a OVERRIDES <<<"${SLURM_TEST_OVERRIDES:-model=vit_t data=toy_shapes data.num_workers=0 data.batch_size=2 \
-optim.scheduler.warmup_steps=1}"
+case $SCRIPT in
+    *pretrain*) DEFAULT_OVERRIDES="recipe=mae_tiny_demo mae_data.num_workers=0 mae_data.batch_size=2" ;;
+    *) DEFAULT_OVERRIDES="model=vit_t data=toy_shapes data.num_workers=0 data.batch_size=2 optim.scheduler.warmup_steps=1" ;;
+esac
+read -r -a OVERRIDES <<<"${SLURM_TEST_OVERRIDES:-$DEFAULT_OVERRIDES}"
 
 log() { echo "[slurm-test $(date +%T)] $*"; }
 die() {  # the job cannot reach the checks: show its output
@@ -53,15 +60,15 @@ wait_for() {  # wait_for DESCRIPTION COMMAND...: poll until COMMAND succeeds; fa
 }
 
 cd "$REPO"
-# CPU job: command-line sbatch options override the script's GPU directives. No periodic checkpoints
-# (none before step 64, the first epoch end), so a checkpoint the rerun finds was saved on the signal;
-# the CSV logger writes every step, so the test sees training progress.
+# CPU job: command-line sbatch options override the script's GPU directives. The periodic checkpoint
+# comes only at the last step (and fit's epoch-end one at step 64), so a checkpoint the rerun finds
+# was saved on the signal; the CSV logger writes every step, so the test sees training progress.
 JOB=$(sbatch --parsable --job-name=sam-slurm-test --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 \
-    --gpus-per-node=0 --time=15 --output="$OUT" slurm/fit_single_node.sbatch \
+    --gpus-per-node=0 --time=15 --output="$OUT" "$SCRIPT" \
     "${OVERRIDES[@]}" "run_dir=$RUN_DIR" "trainer.max_steps=$STEPS" trainer.accelerator=cpu trainer.strategy=ddp \
-    trainer.enable_progress_bar=false callbacks.model_checkpoint.every_n_train_steps=0 \
+    trainer.enable_progress_bar=false "callbacks.model_checkpoint.every_n_train_steps=$STEPS" \
     trainer.log_every_n_steps=1 +logger.csv.flush_logs_every_n_steps=1)
-log "submitted job $JOB (2 tasks, $STEPS steps), output $OUT"
+log "submitted job $JOB ($SCRIPT: 2 tasks, $STEPS steps), output $OUT"
 
 trained_steps() {  # has the CSV logger recorded step >= $1?
     awk -F, -v min="$1" 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == "step") c = i; next }

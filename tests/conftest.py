@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import os
 
 import pytest
@@ -11,6 +12,14 @@ import torch
 torch.set_num_threads(int(os.environ.get("SAM_TRAIN_TEST_THREADS", "2")))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+
+
+@pytest.fixture(autouse=True)
+def _restore_locale():
+    """Tests that write DICOM with SimpleITK (GDCM) switch the process locale to "C"; undo it."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    locale.setlocale(locale.LC_ALL, saved)
 
 
 @pytest.fixture

@@ -88,7 +88,7 @@ def test_recipe_two_step_smoke(recipe, msd_root, tmp_path):
         "data.num_workers=0",
         "data.pin_memory=false",
         f"run_dir={tmp_path}/run",
-        "evaluate=null",
+        "~evaluate",
         "logger=csv",
     ]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):

@@ -162,3 +162,16 @@ def test_autolabel_recovers_known_objects_after_brief_training(tmp_path: Path):
           f"random {scores['random']}")
     assert scores["trained"]["recall"] >= 0.35 and scores["trained"]["precision"] >= 0.7
     assert scores["random"]["recall"] <= 0.05
+
+
+def test_labeler_forwards_generator_settings(model):
+    labeler = AutoLabeler(model, points_per_side=3, points_per_batch=5, crop_n_layers=1, box_nms_thresh=0.5)
+    assert [len(g) for g in labeler.amg.point_grids] == [9, 9]  # 3 x 3 points, crop layers 0 and 1
+    assert (labeler.amg.points_per_batch, labeler.amg.box_nms_thresh) == (5, 0.5)
+    assert labeler.amg.output_mode == "coco_rle"
+    default = AutoLabeler(model).amg  # the paper's generator defaults
+    assert (len(default.point_grids[0]), default.pred_iou_thresh, default.stability_score_thresh) == (1024, 0.88, 0.95)
+    with pytest.raises(ValueError, match="output_mode"):
+        AutoLabeler(model, output_mode="binary_mask")
+    with pytest.raises(TypeError, match="points_per_sid"):
+        AutoLabeler(model, points_per_sid=4)

@@ -3,7 +3,9 @@ options we rely on, and (slow) a real local Slurm requeues and resumes a 2-task 
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -77,12 +79,40 @@ def test_launcher_composes_with_fit():
     assert launcher["additional_parameters"] == {"signal": f"USR1@{launcher['signal_delay_s']}", "requeue": True}
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize("command", ["fit", "pretrain"])
+def test_sbatch_commands_compose_with_the_preemption_callback(command):
+    """What the sbatch scripts run has PreemptionCheckpoint (SIGUSR1 -> last.ckpt -> scontrol requeue):
+    fit through configs/callbacks/default.yaml, pretrain through the override in pretrain_mae.sbatch."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from sam_train.callbacks import PreemptionCheckpoint
+
+    overrides = ["run_dir=/tmp/unused"]
+    if command == "pretrain":
+        body = (SLURM / "pretrain_mae.sbatch").read_text()
+        overrides += ["recipe=mae_vit_b", *re.search(r"^requeue=\(([^)]*)\)$", body, re.M).group(1).split()]
+        assert '"${requeue[@]}" "$@"' in body
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(command, overrides=overrides)
+    # several callbacks write last.ckpt: it is overwritten, never last-v1.ckpt (which nothing resumes from)
+    assert cfg.callbacks.model_checkpoint.save_last and not cfg.callbacks.model_checkpoint.enable_version_counter
+    callback = instantiate(cfg.callbacks.preemption)
+    assert isinstance(callback, PreemptionCheckpoint)
+    assert callback.requeue_signals == (signal.SIGUSR1,) and callback.exit_code == 75
+    assert signal.SIGTERM in callback.signals and signal.SIGUSR1 in callback.signals
+
+
+@pytest.mark.slow  # fit ~55 s, pretrain ~25 s on 2 cores (mostly process start-up and DDP set-up)
 @pytest.mark.timeout(600)
-def test_requeue_and_resume_on_local_slurm():
+@pytest.mark.parametrize("script", ["fit_single_node.sbatch", "pretrain_mae.sbatch"])
+def test_requeue_and_resume_on_local_slurm(script):
     """Installs (if missing) and starts a one-node Slurm, runs slurm/test_local_slurm.sh: a 2-task DDP
-    job on vit_t gets SIGUSR1 after its first checkpoint, is requeued and resumes. Needs root."""
+    `sam-train fit` (vit_t) / `sam-train pretrain` (tiny MAE) job gets SIGUSR1 once training is under way
+    (no checkpoint yet), saves last.ckpt at the step boundary, requeues itself, resumes from it and
+    completes. Needs root."""
     result = subprocess.run(
-        ["bash", str(SLURM / "test_local_slurm.sh")], capture_output=True, text=True, timeout=580, cwd=REPO
-    )
+        ["bash", str(SLURM / "test_local_slurm.sh")], capture_output=True, text=True, timeout=580, cwd=REPO,
+        env={**os.environ, "SLURM_TEST_SCRIPT": f"slurm/{script}"},
+    )  # fmt: skip
     assert result.returncode == 0 and "SUMMARY: PASS" in result.stdout, result.stdout[-6000:] + result.stderr[-3000:]

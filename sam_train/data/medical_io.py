@@ -13,6 +13,9 @@ Layout (Medical Segmentation Decathlon, nnU-Net v1/v2):
 from __future__ import annotations
 
 import json
+import locale
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,17 +114,30 @@ def find_cases(root: str | Path, split: str = "train") -> list[Case]:
     return [Case(case_id, _images_for(images_dir, case_id), None) for case_id in ids]
 
 
+@contextmanager
+def preserved_locale() -> Iterator[None]:
+    """GDCM (SimpleITK's DICOM I/O) switches the process locale to "C", which turns Python's default
+    text encoding into ASCII for the rest of the process; put the caller's locale back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def read_volume(path: str | Path, channel: int = 0) -> sitk.Image:
     """NIfTI / MHA / NRRD file or DICOM-series folder -> 3D SimpleITK image (4D: `channel` extracted)."""
     path = Path(path)
     if path.is_dir():
         reader = sitk.ImageSeriesReader()
-        names = reader.GetGDCMSeriesFileNames(str(path))
+        with preserved_locale():
+            names = reader.GetGDCMSeriesFileNames(str(path))
         if not names:
             raise DataError(f"{path}: no DICOM series found (expected a folder of DICOM slices)")
         reader.SetFileNames(names)
         try:
-            image = reader.Execute()
+            with preserved_locale():
+                image = reader.Execute()
         except RuntimeError as exc:
             raise DataError(f"{path}: unreadable DICOM series: {str(exc).strip().splitlines()[-1]}") from exc
     elif not path.is_file():

@@ -80,46 +80,33 @@ class AutoLabeler:
 
     Args:
         model: a `Sam` (put in eval mode here).
-        points_per_side, points_per_batch, pred_iou_thresh, stability_score_thresh, box_nms_thresh,
-            crop_n_layers, min_mask_region_area: passed to `AutomaticMaskGenerator` (paper defaults).
         min_area: drop masks with fewer pixels (tiny masks).
         max_area_fraction: drop masks covering more than this fraction of the image (background).
         dedup_iou: drop masks whose mask IoU with a better-scored kept one exceeds this.
         max_overlap: semi-automatic merge: largest fraction of a proposal that may lie on existing masks.
         existing: what to do with masks an image already has: "merge" (keep them, add non-overlapping
             proposals), "ignore" (fully automatic) or "evaluate" (hidden known objects: only scored).
+        **generator: keyword arguments of `AutomaticMaskGenerator` (points_per_side, points_per_batch,
+            pred_iou_thresh, stability_score_thresh, box_nms_thresh, crop_n_layers, min_mask_region_area,
+            ...; its defaults are the paper's). Its output_mode is always "coco_rle" here.
     """
 
     def __init__(
         self,
         model: Sam,
         *,
-        points_per_side: int = 32,
-        points_per_batch: int = 64,
-        pred_iou_thresh: float = 0.88,
-        stability_score_thresh: float = 0.95,
-        box_nms_thresh: float = 0.7,
-        crop_n_layers: int = 0,
-        min_mask_region_area: int = 0,
         min_area: int = 16,
         max_area_fraction: float = 0.95,
         dedup_iou: float = 0.8,
         max_overlap: float = 0.1,
         existing: Existing = "merge",
+        **generator: Any,
     ) -> None:
         if existing not in ("merge", "ignore", "evaluate"):
             raise ValueError(f"existing must be 'merge', 'ignore' or 'evaluate', got {existing!r}")
-        self.amg = AutomaticMaskGenerator(
-            model.eval(),
-            points_per_side=points_per_side,
-            points_per_batch=points_per_batch,
-            pred_iou_thresh=pred_iou_thresh,
-            stability_score_thresh=stability_score_thresh,
-            box_nms_thresh=box_nms_thresh,
-            crop_n_layers=crop_n_layers,
-            min_mask_region_area=min_mask_region_area,
-            output_mode="coco_rle",
-        )
+        if "output_mode" in generator:
+            raise ValueError("AutoLabeler: output_mode is fixed to 'coco_rle' (the shards store RLE); do not pass it")
+        self.amg = AutomaticMaskGenerator(model.eval(), **generator, output_mode="coco_rle")
         self.min_area = min_area
         self.max_area_fraction = max_area_fraction
         self.dedup_iou = dedup_iou
