@@ -62,13 +62,23 @@ def build_plugins() -> list[Any]:
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
+    loggers = build_loggers(cfg)
+    for logger in loggers:  # the resolved config, so every run on W&B / TensorBoard says how it was made
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return instantiate(
         cfg.trainer,
         default_root_dir=str(run_dir),
-        logger=build_loggers(cfg) or False,
+        logger=loggers or False,
         callbacks=build_callbacks(cfg),
         plugins=build_plugins(),
     )
+
+
+def log_images(trainer: pl.Trainer, key: str, paths: list[Path]) -> None:
+    """Send PNGs (e.g. evaluation overlays) to the loggers that take images (W&B)."""
+    for logger in trainer.loggers:
+        if paths and hasattr(logger, "log_image"):
+            logger.log_image(key=key, images=[str(p) for p in paths], step=trainer.global_step)
 
 
 def build_sam_module(cfg: DictConfig) -> pl.LightningModule:
@@ -101,5 +111,9 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         from sam_train.eval.run import evaluate_after_fit
 
         metrics.update(evaluate_after_fit(cfg, module.model, datamodule, run_dir))
+        log_images(trainer, "eval/overlays", sorted((run_dir / "overlays").glob("*.png")))
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()
     log.info("run directory: %s", run_dir)
     return metrics

@@ -86,7 +86,7 @@ def test_recipe_two_step_smoke(recipe, msd_root, tmp_path):
         "prompts.num_mask_only=0",
         "data.batch_size=2",
         "data.num_workers=0",
-        "data.pin_memory=false",
+        "++data.pin_memory=false",
         f"run_dir={tmp_path}/run",
         "~evaluate",
         "logger=csv",

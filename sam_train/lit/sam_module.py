@@ -21,6 +21,11 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LR
 ParamGroupsFactory = Callable[[nn.Module], list[dict[str, Any]]]
 
 
+def images_in_batch(batch: dict[str, Any]) -> int:
+    """Images in a collated batch (for throughput logging)."""
+    return len(batch["ids"])
+
+
 def step_seed(seed: int, *parts: int) -> int:
     """A 63-bit seed derived from (seed, step, rank, ...): same inputs -> same prompts, on any process."""
     digest = hashlib.blake2b(repr((seed,) + parts).encode(), digest_size=8).digest()
