@@ -20,13 +20,13 @@ from sam_train.models import build_sam
 from sam_train.optim import param_groups
 from sam_train.prompts import PromptSimulationConfig
 
-STEPS, LR, SIZE = 600, 2e-3, 256
+STEPS, LR, SIZE = 1000, 1e-3, 256
 
 
 @pytest.mark.slow
 def test_vit_t_beats_filled_box_baseline_on_held_out_shapes():
     pl.seed_everything(0)
-    train = ToyShapesDataset(n=512, size=64, seed=0, transform=SamTransform(SIZE))
+    train = ToyShapesDataset(n=1024, size=64, seed=0, transform=SamTransform(SIZE))
     val = ToyShapesDataset(n=32, size=64, seed=1, transform=SamTransform(SIZE))
     model = build_sam("vit_t", img_size=SIZE)
     module = SamModule(
@@ -49,6 +49,6 @@ def test_vit_t_beats_filled_box_baseline_on_held_out_shapes():
     print(f"held-out IoU: random init {before['box']['iou']:.3f}, trained {after['box']['iou']:.3f}, "
           f"filled box {baseline:.3f}")
     assert before["box"]["iou"] < baseline - 0.2  # the untrained model is far below the baseline
-    # measured 0.719 vs 0.647 (seed 0, 2 CPU threads); the margin leaves room for numeric drift
+    # measured 0.708 vs 0.637 (seed 0, 2 CPU threads); the margin leaves room for numeric drift
     assert after["box"]["iou"] > baseline + 0.04
     assert after["filled_box"]["iou"] == before["filled_box"]["iou"]  # same held-out data and prompts
