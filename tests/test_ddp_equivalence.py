@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent(
         param_groups=partial(param_groups, lr=1e-3, weight_decay=0.01),
     )
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=3,
+        accelerator="cpu", devices=devices, strategy="ddp_find_unused_parameters_true" if devices > 1 else "auto", max_steps=3,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0,
     )
@@ -70,6 +70,10 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
     moved = [k for k in single if not torch.equal(single[k], init[k])]
     assert len(moved) > 50  # training really changed the weights
     for key in single:
+        if key.endswith("k_proj.bias"):
+            # softmax is invariant to a key bias: its true gradient is 0, and AdamW turns the ~1e-9
+            # rounding noise (which differs between 1 and 2 processes) into full-size random steps
+            continue
         assert torch.allclose(single[key], ddp[key], atol=2e-5, rtol=1e-4), key
 
 
