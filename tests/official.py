@@ -55,3 +55,13 @@ def build_official(cfg: SamConfig, seed: int = 0) -> Sam:
             if "rel_pos" in name or "pos_embed" in name:
                 p.normal_(0, 0.02)
     return model.eval()
+
+
+def official_and_ours(size: str = "vit_t"):
+    """(official model, our model) of one size holding the same random weights, both in eval mode."""
+    from sam_train.models import build_sam, sam_config
+
+    ref = build_official(sam_config(size))
+    ours = build_sam(size).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours

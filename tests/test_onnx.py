@@ -6,21 +6,17 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from official import build_official
+from official import official_and_ours
 from segment_anything.utils.onnx import SamOnnxModel
 
 from sam_train.export.onnx import INPUT_NAMES, export_decoder_onnx
-from sam_train.models import build_sam, sam_config
 
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def models():
-    ref = build_official(sam_config("vit_t"))
-    ours = build_sam("vit_t").eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours
+    return official_and_ours("vit_t")
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from official import build_official
+from official import official_and_ours
 from segment_anything import SamPredictor as OfficialPredictor
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from sam_train.eval.predictor import SamPredictor
-from sam_train.models import build_sam, sam_config
 from sam_train.models.resize import resize_longest_side
 
 TOL = 1e-4
@@ -18,10 +17,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def models():
-    ref = build_official(sam_config("vit_t"))
-    ours = build_sam("vit_t").eval()
-    ours.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ours
+    return official_and_ours("vit_t")
 
 
 @pytest.fixture(scope="module")
