@@ -27,15 +27,42 @@ class Command:
 # Add a command here + its configs/<config>.yaml. Two-word names ("export onnx") are sub-commands.
 COMMANDS: dict[str, Command] = {
     "fit": Command("fit", "sam_train.train:fit", "train / fine-tune SAM (resumes from the run dir's last checkpoint)"),
-    "pretrain": Command("pretrain", "sam_train.pretrain:pretrain", "MAE-pretrain a SAM image encoder on images only (folders / shards)"),
-    "export mae-to-sam": Command("export_mae_to_sam", "sam_train.export.mae_to_sam:export_from_config", "MAE checkpoint -> SAM checkpoint that fit starts from (model.checkpoint=)"),
-    "autolabel": Command("autolabel", "sam_train.engine.autolabel:autolabel_from_config", "automatic masks for images / shards -> SA-1B-style shards + score stats"),
-    "annotate": Command("annotate", "sam_train.engine.annotate:serve_from_config", "annotation page on localhost: click / box with SAM, accept, save COCO json"),
-    "engine": Command("engine", "sam_train.engine.loop:run_engine", "model in the loop: train -> autolabel -> train on the union, N rounds"),
-    "convert": Command("convert", "sam_train.data.convert:convert_from_config", "convert COCO / folders / medical volumes to webdataset shards"),
-    "eval": Command("eval", "sam_train.eval.run:evaluate", "metrics of a checkpoint on a data set's val split -> <run_dir>/metrics.json"),
-    "export onnx": Command("export_onnx", "sam_train.eval.run:export_onnx", "export the prompt encoder + mask decoder to ONNX"),
-    "embed": Command("embed", "sam_train.embed:embed_from_config", "encode a data set once: image embeddings + masks for decoder-only training"),
+    "pretrain": Command(
+        "pretrain", "sam_train.pretrain:pretrain",
+        "MAE-pretrain a SAM image encoder on images only (folders / shards)",
+    ),
+    "export mae-to-sam": Command(
+        "export_mae_to_sam", "sam_train.export.mae_to_sam:export_from_config",
+        "MAE checkpoint -> SAM checkpoint that fit starts from (model.checkpoint=)",
+    ),
+    "autolabel": Command(
+        "autolabel", "sam_train.engine.autolabel:autolabel_from_config",
+        "automatic masks for images / shards -> SA-1B-style shards + score stats",
+    ),
+    "annotate": Command(
+        "annotate", "sam_train.engine.annotate:serve_from_config",
+        "annotation page on localhost: click / box with SAM, accept, save COCO json",
+    ),
+    "engine": Command(
+        "engine", "sam_train.engine.loop:run_engine",
+        "model in the loop: train -> autolabel -> train on the union, N rounds",
+    ),
+    "convert": Command(
+        "convert", "sam_train.data.convert:convert_from_config",
+        "convert COCO / folders / medical volumes to webdataset shards",
+    ),
+    "eval": Command(
+        "eval", "sam_train.eval.run:evaluate",
+        "metrics of a checkpoint on a data set's val split -> <run_dir>/metrics.json",
+    ),
+    "export onnx": Command(
+        "export_onnx", "sam_train.eval.run:export_onnx",
+        "export the prompt encoder + mask decoder to ONNX",
+    ),
+    "embed": Command(
+        "embed", "sam_train.embed:embed_from_config",
+        "encode a data set once: image embeddings + masks for decoder-only training",
+    ),
 }
 
 

@@ -29,7 +29,8 @@ def wandb_logger(*, project: str, name: str, save_dir: str, log_model: bool | st
     offline = os.environ.get("WANDB_MODE") in ("offline", "disabled") or not wandb_api_key_present()
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     logger = WandbLogger(
-        project=project, name=name, save_dir=save_dir, offline=offline, log_model=False if offline else log_model, **kwargs
+        project=project, name=name, save_dir=save_dir, offline=offline,
+        log_model=False if offline else log_model, **kwargs,
     )
     if offline:
         log.warning(

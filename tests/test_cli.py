@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from sam_train.cli import CONFIG_DIR, COMMANDS
+from sam_train.cli import COMMANDS, CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
@@ -38,7 +38,8 @@ def test_help_lists_commands_and_groups():
         (["fit", "model=vit_q"], ["model/vit_q", "vit_b", "vit_t"]),
         (["fit", "trainer.max_stepz=3"], ["trainer.max_stepz", "max_steps"]),
         (["fitt"], ["unknown command 'fitt'", "fit"]),
-        (["fit", "data=medical", "data.train.root=/nonexistent/msd", "run_dir=/tmp/sam_train_bad"], ["/nonexistent/msd"]),
+        (["fit", "data=medical", "data.train.root=/nonexistent/msd", "run_dir=/tmp/sam_train_bad"],
+         ["/nonexistent/msd"]),
         (["fit", "data=medical", "run_dir=/tmp/sam_train_bad"], ["data.train.root"]),
     ],
 )

@@ -41,7 +41,8 @@ SCRIPT = textwrap.dedent(
         param_groups=partial(param_groups, lr=1e-3, weight_decay=0.01),
     )
     trainer = pl.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp_find_unused_parameters_true" if devices > 1 else "auto", max_steps=3,
+        accelerator="cpu", devices=devices, max_steps=3,
+        strategy="ddp_find_unused_parameters_true" if devices > 1 else "auto",
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0,
     )

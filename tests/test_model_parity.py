@@ -75,7 +75,7 @@ def test_full_forward_matches_official():
     inp = [{"image": image, "original_size": (300, 384), **prompt}] * 2
     with torch.no_grad():
         out_ref, out = ref(inp, True), ours(inp, True)
-    for a, b in zip(out_ref, out):
+    for a, b in zip(out_ref, out, strict=True):
         assert maxdiff(a["low_res_logits"], b["low_res_logits"]) <= TOL
         assert maxdiff(a["iou_predictions"], b["iou_predictions"]) <= TOL
         assert (a["masks"] != b["masks"]).float().mean() < 1e-3

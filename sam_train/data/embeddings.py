@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from sam_train.data.datamodule import SamDataModule
-from sam_train.data.rle import check_compressed_rles
+from sam_train.data.rle import decode_compressed_rles
 from sam_train.data.sample import META_KEYS, DataError
 
 FORMAT = "sam_train.embeddings/1"
@@ -139,17 +139,16 @@ class _Shard:
         return self.shape[0]
 
     def masks(self, row: int) -> torch.Tensor:
-        """bool [N, S, S] masks of sample `row`, decoded in one pycocotools call."""
+        """bool [N, S, S] masks of sample `row`, decoded in one vectorised pass."""
         lo, hi = self.object_offsets[row], self.object_offsets[row + 1]
         s = self.img_size
         if hi == lo:
             return torch.zeros(0, s, s, dtype=torch.bool)
         strings = [self.rle[self.rle_offsets[j]:self.rle_offsets[j + 1]] for j in range(lo, hi)]
-        rles = check_compressed_rles([{"size": [s, s], "counts": b} for b in strings], s, s)
-        if rles is None:
+        masks = decode_compressed_rles([{"size": [s, s], "counts": b} for b in strings], s, s)
+        if masks is None:
             raise DataError(f"{self.path}: malformed RLE in sample {self.ids[row]!r}")
-        decoded = mask_utils.decode(rles)  # uint8 [S, S, N], Fortran order
-        return torch.from_numpy(np.ascontiguousarray(decoded.transpose(2, 0, 1))).bool()
+        return torch.from_numpy(masks)
 
     def sample(self, row: int) -> dict[str, Any]:
         lo, hi = self.object_offsets[row], self.object_offsets[row + 1]

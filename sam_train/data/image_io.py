@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_image
 
 from sam_train.data.sample import DataError, grey_to_rgb
 
@@ -45,7 +46,17 @@ def read_image(path: str | Path) -> torch.Tensor:
 
 
 def decode_image_bytes(data: bytes, where: str) -> torch.Tensor:
-    """Encoded image bytes (jpg/png) -> uint8 [3, H, W]."""
+    """Encoded image bytes (jpg/png) -> uint8 [3, H, W].
+
+    8-bit JPEG/PNG go through torchvision's decoder (libjpeg-turbo straight into [3, H, W]: ~2x faster
+    than Pillow + transpose); anything it cannot read as 8-bit RGB falls back to Pillow.
+    """
+    try:
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        if image.dtype == torch.uint8:
+            return image
+    except (RuntimeError, ValueError):
+        pass  # Pillow below reads more formats, or says clearly why the bytes are unreadable
     try:
         with Image.open(io.BytesIO(data)) as im:
             return grey_to_rgb(np.array(im.convert("RGB")), where)

@@ -225,7 +225,7 @@ class ImageEncoderViT(nn.Module):
         mlp_ratio: float = 4.0,
         out_chans: int = 256,
         qkv_bias: bool = True,
-        norm_layer: type[nn.Module] = partial(LayerNormFp32, eps=1e-6),  # type: ignore[assignment]
+        norm_layer: type[nn.Module] = partial(LayerNormFp32, eps=1e-6),  # type: ignore[assignment]  # noqa: B008
         act_layer: type[nn.Module] = nn.GELU,
         use_abs_pos: bool = True,
         use_rel_pos: bool = True,
