@@ -228,12 +228,12 @@ def prompt_config(iterations: int) -> PromptSimulationConfig:
     return PromptSimulationConfig(num_iterations=iterations, num_mask_only=min(2, iterations - 1))
 
 
-def make_module(model: torch.nn.Module, cfg: PromptSimulationConfig):
+def make_module(model: torch.nn.Module, cfg: PromptSimulationConfig, **kwargs: Any):
     """The LightningModule whose run_prompts is the training step's forward (no Trainer needed)."""
     from sam_train.lit.sam_module import SamModule
 
     return SamModule(model=model, prompts=cfg, loss=SamLossConfig(), optimizer=torch.optim.AdamW,
-                     param_groups=lambda m: [{"params": [p for p in m.parameters() if p.requires_grad]}])
+                     param_groups=lambda m: [{"params": [p for p in m.parameters() if p.requires_grad]}], **kwargs)
 
 
 def sam_train_step(module, next_batch: Callable[[], dict[str, Any]], optimizer, cfg: PromptSimulationConfig,
@@ -291,6 +291,9 @@ def peak_memory(step: Step, device: torch.device) -> tuple[int, str]:
     if pid == 0:  # child: one step, report the peak RSS growth, exit without cleanup
         code = 1
         try:
+            # the parent's OpenMP pool does not survive fork(): a parallel region with more than one
+            # thread would wait forever for it (the step's peak memory does not depend on threads)
+            torch.set_num_threads(1)
             os.close(read)
             before = _rss_bytes()
             step()

@@ -18,6 +18,7 @@ time the image encoder's forward + backward alone (batched, both sides), the par
     python benchmarks/train_step.py --model vit_b --batch-size 4        # GPU, 1024 px
     python benchmarks/train_step.py --model vit_h --batch-size 4 --grad-checkpointing --skip-baseline
     python benchmarks/train_step.py --model vit_t --ddp 2 --threads 1   # CPU gloo DDP: 1 vs 2 processes
+    python benchmarks/train_step.py --model vit_t --skip-baseline --objects 32 --checkpoint-prompt-loop
     python benchmarks/train_step.py --smoke                              # seconds (run by the tests)
 """
 
@@ -72,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          precision_help="sam_train side (auto: bf16 on GPU, fp32 on CPU, where bf16 matmuls are slow)")
     p.add_argument("--compile", action="store_true", help="torch.compile the sam_train image encoder")
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing (sam_train side)")
+    p.add_argument("--checkpoint-prompt-loop", action="store_true",
+                   help="also measure sam_train with the prompt loop's decoder + loss recomputed in backward")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help=f"peak of the device for MFU (default {H100_BF16_DENSE_TFLOPS} = H100 bf16 dense on GPU; "
                         "none on CPU: FLOP/s only)")
@@ -163,6 +166,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     opt = adamw(ours.parameters(), fused=True)
     batch = make_batch(args.batch_size, ours.img_size, args.objects, device=device)
     steps = {"sam_train": sam_train_step(module, lambda: batch, opt, cfg, bf16)}
+    if args.checkpoint_prompt_loop:  # same model and optimiser, only the module's flag differs
+        ckpt_module = make_module(ours, cfg, checkpoint_prompt_loop=True)
+        steps["sam_train_ckpt"] = sam_train_step(ckpt_module, lambda: batch, opt, cfg, bf16)
     enc_steps = {"sam_train": encoder_step_fn(ours.encode, ours.preprocess, batch["images"], bf16,
                                               list(ours.image_encoder.parameters()))}
     if not args.skip_baseline:
@@ -189,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "naive": "naive (official modules, fp32, eager, per-object loop)",
         "sam_train": f"sam_train ({'bf16' if bf16 else 'fp32'}, SDPA, batched prompts, fused AdamW"
                      f"{', compile' if args.compile else ''}{', act. ckpt' if args.grad_checkpointing else ''})",
+        "sam_train_ckpt": "sam_train (same, + prompt loop recomputed in backward)",
     }
     rows = []
     for name in steps:
@@ -210,6 +217,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         result["encoder_ratio"] = check_ratio(enc_seconds["naive"] / enc_seconds["sam_train"])
         print(f"ratio encoder fwd+bwd sam_train / naive: {result['encoder_ratio']:.2f}x")
         print(f"ratio sam_train / naive images/s: {result['ratio']:.2f}x (goal >= 2.5x for vit_b at 1024 px on a GPU)")
+    if args.checkpoint_prompt_loop:
+        result["prompt_loop_memory_ratio"] = memory["sam_train"][0] / max(memory["sam_train_ckpt"][0], 1)
+        result["prompt_loop_time_ratio"] = seconds["sam_train_ckpt"] / seconds["sam_train"]
+        print(f"prompt loop recomputed in backward: peak memory / {result['prompt_loop_memory_ratio']:.2f}, "
+              f"step time x {result['prompt_loop_time_ratio']:.2f}")
     if args.ddp > 1:
         one = ddp_images_per_second(1, args)
         many = ddp_images_per_second(args.ddp, args)

@@ -1,6 +1,7 @@
 """DDP on CPU (gloo, 2 processes, 2 images each) ends with the same parameters as one process with the
 same global batch of 4 images: the loss normaliser (objects all-reduced over ranks) and DDP's gradient
-averaging together give the single-process gradient."""
+averaging together give the single-process gradient. The DDP run also recomputes its prompt loop in
+backward (checkpoint_prompt_loop), which must not change the result either."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ SCRIPT = textwrap.dedent(
     from sam_train.optim import param_groups
     from sam_train.prompts import PromptSimulationConfig
 
-    devices, batch_size, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    devices, batch_size, out, ckpt = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "1"
     torch.set_num_threads(1)
     pl.seed_everything(0)
     data = ToyShapesDataset(n=16, size=64, seed=0, transform=SamTransform(128, max_objects=None))
@@ -39,6 +40,7 @@ SCRIPT = textwrap.dedent(
         loss=SamLossConfig(),
         optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.01),
         param_groups=partial(param_groups, lr=1e-3, weight_decay=0.01),
+        checkpoint_prompt_loop=ckpt,
     )
     trainer = pl.Trainer(
         accelerator="cpu", devices=devices, max_steps=3,
@@ -53,11 +55,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def run(tmp_path, devices: int, batch_size: int) -> dict[str, torch.Tensor]:
+def run(tmp_path, devices: int, batch_size: int, checkpoint_prompt_loop: bool) -> dict[str, torch.Tensor]:
     script, out = tmp_path / "train.py", tmp_path / f"params_{devices}.pt"
     script.write_text(SCRIPT, encoding="utf-8")
     proc = subprocess.run(
-        [sys.executable, str(script), str(devices), str(batch_size), str(out)],
+        [sys.executable, str(script), str(devices), str(batch_size), str(out), str(int(checkpoint_prompt_loop))],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -65,8 +67,8 @@ def run(tmp_path, devices: int, batch_size: int) -> dict[str, torch.Tensor]:
 
 
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-    single = run(tmp_path, devices=1, batch_size=4)
-    ddp = run(tmp_path, devices=2, batch_size=2)
+    single = run(tmp_path, devices=1, batch_size=4, checkpoint_prompt_loop=False)
+    ddp = run(tmp_path, devices=2, batch_size=2, checkpoint_prompt_loop=True)
     init = _initial_params()
     moved = [k for k in single if not torch.equal(single[k], init[k])]
     assert len(moved) > 50  # training really changed the weights

@@ -80,6 +80,35 @@ def test_batched_gradients_equal_per_object_gradients(scene):
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("resolution", ["low_res", "input"])
+def test_checkpointed_iterations_give_the_same_loss_and_gradients(scene, resolution):
+    """Recomputing each iteration's decoder + loss in backward changes memory, not the maths: same loss,
+    same gradients for the decoder, the prompt encoder and the image embeddings (the encoder's input)."""
+    model, emb, gt, ids = scene
+    cfg = PromptSimulationConfig(num_iterations=5, num_mask_only=2)
+    results, grads, calls = [], [], []
+
+    def decode(*args):
+        calls[-1] += 1
+        return model.decode(*args)
+
+    for ckpt in (False, True):
+        model.zero_grad()
+        calls.append(0)
+        leaf = emb.clone().requires_grad_(True)
+        out = simulate(decode, leaf, gt, ids, cfg, torch.Generator().manual_seed(7),
+                       loss_fn=loss_for(5, resolution=resolution), checkpoint_iterations=ckpt)
+        out.loss.backward()
+        params = [*model.mask_decoder.parameters(), *model.prompt_encoder.parameters()]
+        grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None] + [leaf.grad.flatten()]))
+        results.append(out)
+    assert calls == [5, 10]  # checkpointed: every iteration's decoder ran again in backward
+    assert grads[0].abs().sum() > 0
+    assert_same(results[0], results[1], atol=1e-6)
+    torch.testing.assert_close(results[0].loss, results[1].loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
 def test_without_loss_highest_predicted_iou_is_fed_back(scene):
     model, emb, gt, ids = scene
     cfg = PromptSimulationConfig(box_probability=0.0, box_jitter="none")

@@ -45,6 +45,9 @@ class SamModule(pl.LightningModule):
         val_prompts: prompt simulation for validation (defaults to `prompts`); seeded per batch.
         report_iterations: iterations whose IoU / Dice are logged (1-based: IoU after 1 prompt, ...).
         seed: base seed of the prompt simulation.
+        checkpoint_prompt_loop: recompute each training iteration's decoder + loss activations in
+            backward instead of keeping them (`simulate(checkpoint_iterations=True)`): the memory of
+            the prompt loop no longer grows with iterations x objects (SAM: 11 x 64 per image).
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class SamModule(pl.LightningModule):
         val_prompts: PromptSimulationConfig | None = None,
         report_iterations: tuple[int, ...] = (1, 3, 5, 11),
         seed: int = 0,
+        checkpoint_prompt_loop: bool = False,
     ) -> None:
         super().__init__()
         # Only plain values: config objects, Hydra ListConfigs and optimiser partials would make checkpoints
@@ -73,6 +77,7 @@ class SamModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.report_iterations = tuple(i for i in report_iterations if i <= self.val_prompts.num_iterations)
         self.seed = seed
+        self.checkpoint_prompt_loop = checkpoint_prompt_loop
         self.val_iou = nn.ModuleList(MeanMetric() for _ in self.report_iterations)
         self.val_dice = nn.ModuleList(MeanMetric() for _ in self.report_iterations)
 
@@ -104,6 +109,7 @@ class SamModule(pl.LightningModule):
             gen,
             loss_fn=loss_fn,
             image_sizes=batch["input_sizes"],
+            checkpoint_iterations=self.checkpoint_prompt_loop and self.training,
         )
 
     # ------------------------------------------------------------------ steps

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from sam_train.losses.functional import mask_iou
 from sam_train.models.prompt_encoder import PAD, POSITIVE
@@ -205,6 +206,7 @@ def simulate(
     loss_fn: LossFn | None = None,
     return_all: bool = False,
     image_sizes: torch.Tensor | None = None,
+    checkpoint_iterations: bool = False,
 ) -> SimulationResult:
     """Run the interactive prompting loop for all objects of a batch at once.
 
@@ -220,6 +222,11 @@ def simulate(
             multimask objects. Without it the multimask token with the highest predicted IoU is.
         return_all: also keep every iteration's chosen logits (detached).
         image_sizes: int [B, 2] (h, w) of each image before padding, to clip boxes; default S x S.
+        checkpoint_iterations: keep no activations of an iteration's decoder + loss for backward,
+            recompute them there (torch.utils.checkpoint). Without it every iteration's decoder
+            activations (two-way attention, upscaled masks: ~100 MiB per object at 1024 px in fp32)
+            stay alive until backward, for all iterations x objects; with it, about its inputs and
+            outputs (~1.5 MiB per object-iteration). Costs one more decoder forward per iteration.
     Returns:
         `SimulationResult`.
     """
@@ -237,6 +244,12 @@ def simulate(
     losses, ious, selected, num_prompts, all_logits = [], [], [], [], []
     prev: torch.Tensor | None = None  # chosen low-res logits of the previous iteration
     pred_s = gt_masks  # thresholded previous prediction at S x S; only read from iteration 1 on
+
+    def iteration(embeddings, coords, labels, mask_in, multimask):
+        low_res, iou_pred = decode(embeddings, image_ids, coords, labels, mask_in, None)
+        return low_res, iou_pred, (loss_fn(low_res, iou_pred, gt_masks, multimask) if loss_fn else None)
+
+    recompute = checkpoint_iterations and torch.is_grad_enabled()
     for t, new_prompt in enumerate(schedule):
         if new_prompt and t > 0:
             xy, lbl = sample_error_points(pred_s, gt_masks, generator)
@@ -245,11 +258,14 @@ def simulate(
         n_prompts = 1 + clicks_xy.shape[1]
         coords, labels = assemble_prompts(is_box, first_xy, boxes, clicks_xy, clicks_lbl)
         mask_in = prev if cfg.feed_mask_prompt else None
-        low_res, iou_pred = decode(image_embeddings, image_ids, coords, labels, mask_in, None)
-
         multimask = single_click_multimask(cfg, is_box, n_prompts)
-        if loss_fn is not None:
-            out = loss_fn(low_res, iou_pred, gt_masks, multimask)
+        if recompute:
+            low_res, iou_pred, out = checkpoint(
+                iteration, image_embeddings, coords, labels, mask_in, multimask, use_reentrant=False
+            )
+        else:
+            low_res, iou_pred, out = iteration(image_embeddings, coords, labels, mask_in, multimask)
+        if out is not None:
             losses.append(out)
             total = out["loss"] if total is None else total + out["loss"]
             sel = out["selected"].to(device)
