@@ -4,6 +4,7 @@ round trip. `write_coco` is also used by the other data tests."""
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,7 @@ def test_coco_keeps_crowd_when_asked(tmp_path):
     assert CocoDataset(json_path, image_dir, skip_crowd=False)[0]["masks"].shape[0] == 4
 
 
-@pytest.mark.parametrize("image_format", ["png", "jpg"])
+@pytest.mark.parametrize("image_format", ["keep", "png", "jpg"])
 def test_coco_to_shards_round_trip(tmp_path, image_format):
     """COCO json -> convert -> shards -> reader: masks identical to pycocotools' decode."""
     json_path, image_dir = write_coco(tmp_path, n_images=5)
@@ -106,7 +107,29 @@ def test_coco_to_shards_round_trip(tmp_path, image_format):
         masks, cats = ref[s["id"]]
         assert torch.equal(s["masks"], torch.from_numpy(masks))
         assert s["class_ids"].tolist() == cats
-    if image_format == "png":  # lossless: images identical to the originals too
+    if image_format in ("keep", "png"):  # lossless: images identical to the originals too
         originals = {str(100 + i): np.array(Image.open(image_dir / f"img_{i}.png")) for i in range(5)}
         for s in samples:
             assert np.array_equal(s["image"].permute(1, 2, 0).numpy(), originals[s["id"]])
+
+
+def test_keep_stores_the_source_jpeg_bytes_and_re_encodes_the_rest(tmp_path):
+    """image_format="keep": 8-bit JPEG / PNG sources go into the shard byte for byte (no second lossy
+    compression); sources that need a conversion (palette here) are stored as lossless PNG."""
+    json_path, image_dir = write_coco(tmp_path, n_images=3)
+    Image.open(image_dir / "img_0.png").save(image_dir / "img_0.jpg", quality=80)
+    Image.open(image_dir / "img_1.png").convert("P").save(image_dir / "img_1.png")
+    data = json.loads(json_path.read_text())
+    data["images"][0]["file_name"] = "img_0.jpg"
+    json_path.write_text(json.dumps(data))
+    convert("coco", json_path, tmp_path / "shards", image_dir=image_dir, progress=False)
+    with tarfile.open(next((tmp_path / "shards").glob("*.tar"))) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    by_id = {json.loads(v)["image"]["id"]: k.rsplit(".", 1)[0] for k, v in members.items() if k.endswith(".json")}
+    assert members[by_id["100"] + ".jpg"] == (image_dir / "img_0.jpg").read_bytes()
+    assert members[by_id["102"] + ".png"] == (image_dir / "img_2.png").read_bytes()
+    assert by_id["101"] + ".png" in members  # palette image: re-encoded as RGB PNG
+    assert members[by_id["101"] + ".png"] != (image_dir / "img_1.png").read_bytes()
+    samples = {s["id"]: s for s in ShardDataset(tmp_path / "shards", shuffle_buffer=0)}
+    expected = np.array(Image.open(image_dir / "img_1.png").convert("RGB"))
+    assert np.array_equal(samples["101"]["image"].permute(1, 2, 0).numpy(), expected)

@@ -47,7 +47,7 @@ def convert(
     *,
     shard_size: int = 1000,
     max_bytes: float = 1e9,
-    image_format: str = "png",
+    image_format: str = "keep",
     on_error: OnError = "raise",
     progress: bool = True,
     **kwargs: Any,

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 from tqdm import tqdm
 
 from sam_train.data.image_io import decode_image_bytes, encode_image
@@ -34,8 +35,35 @@ IMAGE_KEYS = ("png", "jpg", "jpeg")
 MEDICAL_KEYS = ("case_id", "slice_index", "spacing", "axis")
 
 
-def sample_to_record(sample: dict[str, Any], key: str, *, image_format: str = "png") -> dict[str, Any]:
-    """Sample dict -> webdataset record {"__key__", "png"|"jpg": bytes, "json": bytes}."""
+IMAGE_FORMATS = ("keep", "png", "jpg", "jpeg")
+
+
+def source_image_bytes(sample: dict[str, Any]) -> tuple[str, bytes] | None:
+    """("jpg" | "png", file bytes) when the sample's source is an 8-bit RGB / grey JPEG or PNG file of the
+    sample's size (its bytes decode to the sample image), else None."""
+    path = Path(str(sample.get("source", "")))
+    if path.suffix.lower() not in (".jpg", ".jpeg", ".png") or not path.is_file():
+        return None
+    try:
+        with Image.open(path) as im:
+            fmt, mode, size = im.format, im.mode, im.size
+    except OSError:
+        return None
+    h, w = sample["image"].shape[1:]
+    if fmt not in ("JPEG", "PNG") or mode not in ("RGB", "L") or size != (w, h):
+        return None
+    return ("jpg" if fmt == "JPEG" else "png"), path.read_bytes()
+
+
+def sample_to_record(sample: dict[str, Any], key: str, *, image_format: str = "keep") -> dict[str, Any]:
+    """Sample dict -> webdataset record {"__key__", "png"|"jpg": bytes, "json": bytes}.
+
+    image_format "keep" stores the source file's own bytes when it is an 8-bit JPEG / PNG (as SA-1B
+    keeps its JPEGs: no second lossy compression, no size growth) and lossless PNG otherwise (medical
+    slices, 16-bit or palette images); "png" / "jpg" always re-encode.
+    """
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {image_format!r}")
     masks = sample["masks"].numpy()
     class_ids = sample.get("class_ids")
     annotations = []
@@ -48,7 +76,12 @@ def sample_to_record(sample: dict[str, Any], key: str, *, image_format: str = "p
     image_info = {"id": sample["id"], "height": int(h), "width": int(w), "source": sample["source"]}
     image_info.update({k: sample[k] for k in MEDICAL_KEYS if k in sample})
     record = {"__key__": key, "json": json.dumps({"image": image_info, "annotations": annotations}).encode()}
-    record["jpg" if image_format in ("jpg", "jpeg") else "png"] = encode_image(sample["image"], image_format)
+    kept = source_image_bytes(sample) if image_format == "keep" else None
+    if kept is not None:
+        record[kept[0]] = kept[1]
+    else:
+        fmt = "jpg" if image_format in ("jpg", "jpeg") else "png"
+        record[fmt] = encode_image(sample["image"], fmt)
     return record
 
 
@@ -58,13 +91,13 @@ def write_shards(
     *,
     max_samples_per_shard: int = 1000,
     max_bytes: float = 1e9,
-    image_format: str = "png",
+    image_format: str = "keep",
     prefix: str = "shard",
     total: int | None = None,
     progress: bool = True,
 ) -> list[Path]:
     """Write samples into `out_dir/{prefix}-000000.tar`, ... (a new shard once either limit is reached)
-    plus `out_dir/index.json`. PNG keeps images lossless; "jpg" is smaller (as SA-1B). Returns the shards."""
+    plus `out_dir/index.json`. image_format: see `sample_to_record`. Returns the shards."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = {}
