@@ -138,11 +138,29 @@ def _user_error(exc: BaseException) -> str | None:
     return None
 
 
+def per_job_run_dir(cfg) -> None:
+    """In a sweep (-m), unless run_dir is on the command line, point run_dir at the job's own Hydra
+    directory (<hydra.sweep.dir>/<job number>): the default run_dir's timestamp is the sweep's, so its
+    jobs would otherwise share one run directory and resume each other's checkpoints."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if "run_dir" not in cfg or not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    if any(o.split("=", 1)[0].lstrip("+~") == "run_dir" for o in hydra_cfg.overrides.task):
+        return
+    cfg.run_dir = hydra_cfg.runtime.output_dir
+
+
 def _task(target: str):
     module_name, func_name = target.split(":")
 
     def task(cfg) -> None:
         func = getattr(importlib.import_module(module_name), func_name)
+        per_job_run_dir(cfg)
         try:
             func(cfg)
         except Exception as exc:

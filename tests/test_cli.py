@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from sam_train.cli import COMMANDS, CONFIG_DIR
 
@@ -110,3 +111,23 @@ def test_recipe_two_step_smoke(recipe, msd_root, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     assert metrics["train/loss"] == metrics["train/loss"]  # finite, logged
     assert 0.0 <= metrics["val/iou"] <= 1.0
+
+
+def test_sweep_jobs_get_their_own_run_dirs(tmp_path):
+    """`sam-train fit -m` with two jobs: each trains into <sweep dir>/<job number> (the default run_dir's
+    timestamp is shared by the sweep, so without this the second job would resume the first one)."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sam_train.cli", "fit", "-m", "seed=3,4", f"hydra.sweep.dir={sweep}",
+         "trainer=cpu", "trainer.max_steps=2", "optim.scheduler.warmup_steps=1", "trainer.limit_val_batches=0",
+         "trainer.enable_progress_bar=false",
+         "prompts.num_iterations=1", "prompts.num_mask_only=0", "data.train.n=4", "data.val.n=2",
+         "data.batch_size=2", "logger=csv", f"data_root={tmp_path}/data"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, seed in ((0, 3), (1, 4)):
+        run_dir = sweep / str(job)
+        assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+        assert OmegaConf.load(run_dir / "config.yaml").seed == seed
+        assert OmegaConf.load(run_dir / "config.yaml").run_dir == str(run_dir)
