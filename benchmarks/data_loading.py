@@ -66,13 +66,18 @@ def make_dataset(root: Path, n: int, size: int, objects: int, seed: int = 0) -> 
     return path, image_dir
 
 
+def naive_sample(coco: COCO, image_dir: Path, image_id: int) -> dict:
+    """What fine-tuning scripts do per image: PIL image + annToMask per annotation -> the sample tensors."""
+    info = coco.imgs[image_id]
+    image = torch.from_numpy(np.array(Image.open(image_dir / info["file_name"]).convert("RGB"))).permute(2, 0, 1)
+    masks = np.stack([coco.annToMask(a) for a in coco.imgToAnns[image_id]]).astype(bool)
+    return {"image": image, "masks": torch.from_numpy(masks), "id": str(image_id)}
+
+
 def naive_coco_loader(coco: COCO, image_dir: Path):
-    """The usual per-image loop: PIL image + annToMask per annotation -> the sample tensors."""
+    """The usual per-image loop over the whole json."""
     for image_id in coco.getImgIds():
-        info = coco.imgs[image_id]
-        image = torch.from_numpy(np.array(Image.open(image_dir / info["file_name"]).convert("RGB"))).permute(2, 0, 1)
-        masks = np.stack([coco.annToMask(a) for a in coco.imgToAnns[image_id]]).astype(bool)
-        yield {"image": image, "masks": torch.from_numpy(masks), "id": str(image_id)}
+        yield naive_sample(coco, image_dir, image_id)
 
 
 def samples_per_second(make_iter, repeats: int) -> tuple[float, int]:
@@ -107,9 +112,8 @@ def main(argv: list[str] | None = None) -> float:
         shard, n_shard = samples_per_second(lambda: iter(shards), args.repeats)
         # same data out of both: every sample's masks (bool [N, H, W], same memory layout) and image
         # (the same JPEG bytes; Pillow and torchvision may round the colour conversion differently)
-        naive_samples = {s["id"]: s for s in naive_coco_loader(coco, image_dir)}
         for sample in shards:
-            reference = naive_samples[sample["id"]]
+            reference = naive_sample(coco, image_dir, int(sample["id"]))
             assert torch.equal(sample["masks"], reference["masks"]), sample["id"]
             assert sample["masks"].stride() == reference["masks"].stride(), sample["id"]
             assert (sample["image"].int() - reference["image"].int()).abs().max() <= 1, sample["id"]

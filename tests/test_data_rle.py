@@ -83,3 +83,23 @@ def test_decode_image_bytes_16_bit_png_falls_back_to_pillow():
 def test_decode_image_bytes_names_the_source_of_bad_bytes(data):
     with pytest.raises(DataError, match=r"shard-7\.tar \(sample 3\): unreadable image bytes"):
         decode_image_bytes(data, "shard-7.tar (sample 3)")
+
+
+def test_shard_record_with_uncompressed_rle_decodes_like_pycocotools():
+    """SA-1B-style json written by other tools may hold uncompressed counts: the reader's slow path
+    validates each annotation, compresses it and decodes all masks with the same decoder."""
+    import json
+
+    from sam_train.data.image_io import encode_image
+    from sam_train.data.webdataset import record_to_sample
+
+    masks = _random_masks(np.random.default_rng(3), 3, 20, 30)
+    image = torch.zeros(3, 20, 30, dtype=torch.uint8)
+    uncompressed = [[int(r) for r in np.diff(np.r_[0, np.flatnonzero(np.diff(np.r_[0, m.flatten("F"), 2])), m.size])]
+                    for m in masks.astype(np.int8)]
+    annotations = [{"id": 0, "segmentation": {"size": [20, 30], "counts": uncompressed[0]}}]
+    annotations += [{"id": k, "segmentation": encode_mask(m)} for k, m in enumerate(masks[1:], 1)]
+    meta = {"image": {"id": "x", "height": 20, "width": 30}, "annotations": annotations}
+    record = {"__key__": "k", "__url__": "s.tar", "png": encode_image(image), "json": json.dumps(meta).encode()}
+    sample = record_to_sample(record)
+    np.testing.assert_array_equal(sample["masks"].numpy(), masks)

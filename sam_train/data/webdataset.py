@@ -20,7 +20,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
@@ -137,14 +136,13 @@ def record_to_sample(record: dict[str, Any]) -> dict[str, Any]:
         raise DataError(f"{where}: image size {h}x{w} does not match {info['height']}x{info['width']} in its .json")
     segmentations = [a.get("segmentation") for a in annotations]
     masks = decode_compressed_rles(segmentations, h, w)  # all masks in one vectorised pass
-    if masks is None:  # not all well-formed compressed RLEs: check each (names the bad one), decode each
-        import pycocotools.mask as mask_utils  # local: only this slow path needs it
-
+    if masks is None:  # not all well-formed compressed RLEs: check each (names the bad one, compresses
+        # uncompressed counts), then decode them as above
         rles = [
             check_rle(s, h, w, f"{where} annotation {a.get('id')}")
             for s, a in zip(segmentations, annotations, strict=True)
         ]
-        masks = np.stack([mask_utils.decode(r) for r in rles]).view(bool)  # 0/1 bytes
+        masks = decode_compressed_rles(rles, h, w)
     class_ids = torch.tensor([int(a.get("category_id", -1)) for a in annotations], dtype=torch.int64)
     extra = {k: (tuple(info[k]) if k == "spacing" else info[k]) for k in MEDICAL_KEYS if k in info}
     return make_sample(image, torch.from_numpy(masks), id=str(info.get("id", record["__key__"])),
