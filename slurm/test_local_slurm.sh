@@ -10,7 +10,7 @@
 #   SLURM_TEST_SCRIPT=slurm/pretrain_mae.sbatch bash slurm/test_local_slurm.sh   # sam-train pretrain
 #
 # Environment: SAM_TRAIN (the sam-train executable, default: the repository's .venv),
-# SLURM_TEST_SCRIPT (default slurm/fit_single_node.sbatch), SLURM_TEST_STEPS (default 16),
+# SLURM_TEST_SCRIPT (default slurm/fit_single_node.sbatch), SLURM_TEST_STEPS (default 16 for fit, 160 for pretrain),
 # SLURM_TEST_OVERRIDES (the training config, default below per script),
 # SLURM_TEST_TIMEOUT (seconds, default 600), SLURM_TEST_KEEP=1 keeps the work dir.
 set -euo pipefail
@@ -18,12 +18,16 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export SAM_TRAIN=${SAM_TRAIN:-$REPO/.venv/bin/sam-train}
 SCRIPT=${SLURM_TEST_SCRIPT:-slurm/fit_single_node.sbatch}
-STEPS=${SLURM_TEST_STEPS:-16}
 TIMEOUT=${SLURM_TEST_TIMEOUT:-600}
+# enough steps that training is still running when the signal lands: a tiny-MAE step takes ~35 ms on
+# a quiet CPU (16 steps ended before the poll below could see step 2), a vit_t SAM step much longer
 case $SCRIPT in
-    *pretrain*) DEFAULT_OVERRIDES="recipe=mae_tiny_demo mae_data.num_workers=0 mae_data.batch_size=2" ;;
-    *) DEFAULT_OVERRIDES="model=vit_t data=toy_shapes data.num_workers=0 data.batch_size=2 optim.scheduler.warmup_steps=1" ;;
+    *pretrain*) DEFAULT_OVERRIDES="recipe=mae_tiny_demo mae_data.num_workers=0 mae_data.batch_size=2"
+                DEFAULT_STEPS=160 ;;
+    *) DEFAULT_OVERRIDES="model=vit_t data=toy_shapes data.num_workers=0 data.batch_size=2 optim.scheduler.warmup_steps=1"
+       DEFAULT_STEPS=16 ;;
 esac
+STEPS=${SLURM_TEST_STEPS:-$DEFAULT_STEPS}
 read -r -a OVERRIDES <<<"${SLURM_TEST_OVERRIDES:-$DEFAULT_OVERRIDES}"
 
 log() { echo "[slurm-test $(date +%T)] $*"; }
