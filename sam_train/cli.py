@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-CONFIG_DIR = Path(os.environ.get("SAM_TRAIN_CONFIG_DIR", Path(__file__).resolve().parent.parent / "configs"))
+CONFIG_DIR = Path(os.environ.get("SAM_TRAIN_CONFIG_DIR", Path(__file__).resolve().parent / "configs"))
 
 
 @dataclass(frozen=True)

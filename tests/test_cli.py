@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from sam_train.cli import COMMANDS, CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
+RECIPES = sorted(p.stem for p in (ROOT / "sam_train" / "configs" / "recipe").glob("*.yaml"))
 FIT_RECIPES = [r for r in RECIPES if not r.startswith(("mae_", "data_engine"))]
 
 

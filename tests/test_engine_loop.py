@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from sam_train.engine.loop import round_config, run_engine
 from sam_train.engine.shards import ShardSamples
 
-CONFIGS = str(Path(__file__).resolve().parent.parent / "configs")
+CONFIGS = str(Path(__file__).resolve().parent.parent / "sam_train" / "configs")
 TINY = [
     "recipe=data_engine_demo",
     "trainer.max_steps=3", "trainer.val_check_interval=3", "optim.scheduler.warmup_steps=1",

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parent.parent
 SLURM = REPO / "slurm"
 SCRIPTS = sorted([*SLURM.glob("*.sh"), *SLURM.glob("*.sbatch")])
 SBATCH = sorted(SLURM.glob("*.sbatch"))
-LAUNCHER = REPO / "configs" / "hydra" / "launcher" / "slurm.yaml"
+LAUNCHER = REPO / "sam_train" / "configs" / "hydra" / "launcher" / "slurm.yaml"
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -66,7 +66,7 @@ def test_launcher_composes_with_fit():
     from hydra import compose, initialize_config_dir
     from hydra.utils import get_class
 
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(str(REPO / "sam_train" / "configs"), version_base="1.3"):
         cfg = compose(
             "fit",
             overrides=["hydra/launcher=slurm", "trainer.num_nodes=3", "hydra.launcher.gpus_per_node=8"],
@@ -93,7 +93,7 @@ def test_sbatch_commands_compose_with_the_preemption_callback(command):
         body = (SLURM / "pretrain_mae.sbatch").read_text()
         overrides += ["recipe=mae_vit_b", *re.search(r"^requeue=\(([^)]*)\)$", body, re.M).group(1).split()]
         assert '"${requeue[@]}" "$@"' in body
-    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(str(REPO / "sam_train" / "configs"), version_base="1.3"):
         cfg = compose(command, overrides=overrides)
     # several callbacks write last.ckpt: it is overwritten, never last-v1.ckpt (which nothing resumes from)
     assert cfg.callbacks.model_checkpoint.save_last and not cfg.callbacks.model_checkpoint.enable_version_counter
