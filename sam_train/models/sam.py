@@ -11,9 +11,11 @@ from torch import nn
 from sam_train.models.image_encoder import ImageEncoderViT
 from sam_train.models.mask_decoder import MaskDecoder
 from sam_train.models.prompt_encoder import PromptEncoder
+from sam_train.models.tiny_vit import TinyViT
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+PIXEL_NORMS = ("mean_std", "min_max")
 
 
 class Sam(nn.Module):
@@ -23,7 +25,9 @@ class Sam(nn.Module):
         image_encoder: backbone producing [B, C, h, w] image embeddings.
         prompt_encoder: encodes points, boxes and masks.
         mask_decoder: predicts masks and IoU from both.
-        pixel_mean, pixel_std: normalisation of 0-255 RGB input.
+        pixel_mean, pixel_std: normalisation of 0-255 RGB input (pixel_norm="mean_std").
+        pixel_norm: "mean_std" (official SAM, MobileSAM) or "min_max" (LiteMedSAM: each image scaled to
+            [0, 1] by its own minimum and maximum).
     """
 
     mask_threshold: float = 0.0
@@ -32,13 +36,17 @@ class Sam(nn.Module):
     def __init__(
         self,
         *,
-        image_encoder: ImageEncoderViT,
+        image_encoder: ImageEncoderViT | TinyViT,
         prompt_encoder: PromptEncoder,
         mask_decoder: MaskDecoder,
         pixel_mean: tuple[float, float, float] = PIXEL_MEAN,
         pixel_std: tuple[float, float, float] = PIXEL_STD,
+        pixel_norm: str = "mean_std",
     ) -> None:
         super().__init__()
+        if pixel_norm not in PIXEL_NORMS:
+            raise ValueError(f"Sam: pixel_norm must be one of {PIXEL_NORMS}, got {pixel_norm!r}")
+        self.pixel_norm = pixel_norm
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
@@ -57,8 +65,18 @@ class Sam(nn.Module):
 
     # ----------------------------------------------------------------- pre/post-processing
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] or [3, H, W] 0-255 images, longest side already resized -> normalised, padded to S x S."""
-        x = (x.float() - self.pixel_mean) / self.pixel_std
+        """[B, 3, H, W] or [3, H, W] 0-255 images, longest side already resized -> normalised, padded to S x S.
+
+        min_max scales each image by the minimum and maximum of what it is given: pass the unpadded image
+        (or content whose minimum is 0, as zero-padded medical slices are) to match LiteMedSAM exactly.
+        """
+        x = x.float()
+        if self.pixel_norm == "min_max":
+            dims = tuple(range(x.ndim - 3, x.ndim))
+            lo = x.amin(dim=dims, keepdim=True)
+            x = (x - lo) / (x.amax(dim=dims, keepdim=True) - lo).clamp_min(1e-8)
+        else:
+            x = (x - self.pixel_mean) / self.pixel_std
         h, w = x.shape[-2:]
         return F.pad(x, (0, self.img_size - w, 0, self.img_size - h))
 
