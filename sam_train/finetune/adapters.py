@@ -1,4 +1,8 @@
-"""Bottleneck adapters in each ViT block (SAM-Med2D / Medical-SA-Adapter style)."""
+"""Bottleneck adapters in each attention block of the image encoder (SAM-Med2D / Medical-SA-Adapter style).
+
+Works on every encoder whose blocks have the `attn_adapter` / `mlp_adapter` slots: the ViT's `Block`
+and TinyViT's `TinyViTBlock` (its convolutional stage 0 has no attention and gets none).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sam_train.models.image_encoder import ImageEncoderViT
+from sam_train.models.image_encoder import Block
+from sam_train.models.tiny_vit import TinyViTBlock
+
+ADAPTABLE_BLOCKS = (Block, TinyViTBlock)
 
 
 @dataclass(frozen=True)
@@ -15,7 +22,7 @@ class AdapterConfig:
     """Bottleneck adapters after the attention and/or the MLP of every image-encoder block.
 
     Args:
-        mlp_ratio: bottleneck width as a fraction of the ViT width (SAM-Med2D: 0.25).
+        mlp_ratio: bottleneck width as a fraction of the block width (SAM-Med2D: 0.25).
         after_attn: adapter on the attention branch (before its residual add).
         after_mlp: adapter on the MLP branch (before its residual add).
         train_encoder: also train the encoder's own weights (default: frozen, as SAM-Med2D).
@@ -45,7 +52,7 @@ class Adapter(nn.Module):
         return x + self.up(self.act(self.down(x)))
 
 
-def add_adapters(encoder: ImageEncoderViT, cfg: AdapterConfig) -> list[str]:
+def add_adapters(encoder: nn.Module, cfg: AdapterConfig) -> list[str]:
     """Insert adapters into every block of `encoder` in place; returns the new parameter names.
 
     The adapters sit in the blocks' `attn_adapter` / `mlp_adapter` slots (nn.Identity by default),
@@ -55,10 +62,13 @@ def add_adapters(encoder: ImageEncoderViT, cfg: AdapterConfig) -> list[str]:
         raise ValueError("AdapterConfig: enable after_attn and/or after_mlp")
     if not cfg.train_encoder:
         encoder.requires_grad_(False)
-    for block in encoder.blocks:
-        dim = block.norm1.normalized_shape[0]
+    blocks = [m for m in encoder.modules() if isinstance(m, ADAPTABLE_BLOCKS)]
+    if not blocks:
+        raise ValueError(f"adapters: {type(encoder).__name__} has no attention blocks to adapt")
+    for block in blocks:
+        dim = block.attn.qkv.in_features
         hidden = max(1, round(dim * cfg.mlp_ratio))
-        like = {"device": block.norm1.weight.device, "dtype": block.norm1.weight.dtype}
+        like = {"device": block.attn.qkv.weight.device, "dtype": block.attn.qkv.weight.dtype}
         if cfg.after_attn:
             block.attn_adapter = Adapter(dim, hidden).to(**like)
         if cfg.after_mlp:

@@ -1,14 +1,15 @@
 """LoRA on the image encoder's attention through `peft` (SAMed style: rank 4 on q and v).
 
-Our `Attention` keeps the official fused `qkv` Linear (so official checkpoints load by name). SAMed
+Our attention modules keep the official fused `qkv` Linear (so official checkpoints load by name). SAMed
 puts separate rank-r LoRA pairs on q and v only. We get exactly that from peft by injecting one LoRA of
-rank r * len(qkv_parts) into `qkv` whose up-projection B is block-structured:
+rank r * len(qkv_parts) into `qkv` whose up-projection B is block-structured (ViT layout [Q; K; V]):
 
     B = [[B_q, 0  ],      rows 0..D-1    (q)
          [0,   0  ],      rows D..2D-1   (k: no update)
          [0,   B_v]]      rows 2D..3D-1  (v)        A = [A_q; A_v]
 
-so B @ A = [B_q A_q; 0; B_v A_v]. B starts at zero (peft's default init) and a gradient mask keeps the
+so B @ A = [B_q A_q; 0; B_v A_v]. Which rows are q, k and v is the attention module's `qkv_rows(part)`
+(TinyViT interleaves them per head). B starts at zero (peft's default init) and a gradient mask keeps the
 off-block entries at zero: with zero gradients AdamW / Adam / SGD updates and decoupled weight decay
 of a zero entry are all zero. Parameter count differs from SAMed (the zero blocks are stored), the
 function class is the same.
@@ -52,12 +53,11 @@ def _mask_grad(mask: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return grad * mask.to(grad.dtype)
 
 
-def _qkv_block_mask(dim: int, rank: int, parts: tuple[str, ...]) -> torch.Tensor:
-    """[3 * dim, rank * len(parts)] 0/1 mask: column block i feeds only the rows of parts[i]."""
-    mask = torch.zeros(3 * dim, rank * len(parts))
+def _qkv_block_mask(attention: nn.Module, rank: int, parts: tuple[str, ...]) -> torch.Tensor:
+    """[qkv rows, rank * len(parts)] 0/1 mask: column block i feeds only the rows of parts[i]."""
+    mask = torch.zeros(attention.qkv.out_features, rank * len(parts))
     for i, part in enumerate(parts):
-        j = QKV.index(part)
-        mask[j * dim : (j + 1) * dim, i * rank : (i + 1) * rank] = 1.0
+        mask[attention.qkv_rows(part), i * rank : (i + 1) * rank] = 1.0
     return mask
 
 
@@ -85,15 +85,16 @@ def add_lora(encoder: nn.Module, cfg: LoraConfig) -> list[str]:
     encoder.requires_grad_(False)
     inject_adapter_in_model(peft_cfg, encoder, adapter_name=ADAPTER_NAME)
     found = False
-    for name, module in encoder.named_modules():
+    modules = dict(encoder.named_modules())
+    for name, module in modules.items():
         if not isinstance(module, LoraLayer):
             continue
         found = True
         if name.split(".")[-1] != "qkv":
             continue
         lora_b: nn.Linear = module.lora_B[ADAPTER_NAME]
-        dim = lora_b.out_features // 3
-        mask = _qkv_block_mask(dim, cfg.rank, parts).to(lora_b.weight.device)
+        attention = modules[name.rpartition(".")[0]]
+        mask = _qkv_block_mask(attention, cfg.rank, parts).to(lora_b.weight.device)
         lora_b.register_buffer("qkv_part_mask", mask, persistent=False)
         with torch.no_grad():
             lora_b.weight.mul_(mask)

@@ -103,6 +103,12 @@ class Attention(nn.Module):
                 nn.init.trunc_normal_(self.rel_pos_h, std=0.02)
                 nn.init.trunc_normal_(self.rel_pos_w, std=0.02)
 
+    def qkv_rows(self, part: str) -> torch.Tensor:
+        """Row indices of `qkv.weight` that produce q, k or v: the official layout is [Q; K; V]."""
+        dim = self.qkv.in_features
+        start = "qkv".index(part) * dim
+        return torch.arange(start, start + dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
         # [3, B, heads, H*W, C]
@@ -278,6 +284,11 @@ class ImageEncoderViT(nn.Module):
             else:
                 x = blk(x)
         return self.neck(x.permute(0, 3, 1, 2))
+
+    @property
+    def num_lr_layers(self) -> int:
+        """Layer-wise lr decay: a parameter gets decay ** (num_lr_layers - layer_id(name))."""
+        return self.depth + 1
 
     def layer_id(self, param_name: str) -> int:
         """Depth index of a parameter for layer-wise lr decay: 0 = patch/pos embedding, depth+1 = neck."""

@@ -7,6 +7,10 @@ from typing import Any
 from torch import nn
 
 from sam_train.models.image_encoder import ImageEncoderViT
+from sam_train.models.tiny_vit import TinyViT
+
+# Encoders with a depth order for layer-wise lr decay: `layer_id(name)` and `num_lr_layers`.
+LAYERED_ENCODERS = (ImageEncoderViT, TinyViT)
 
 # Parameters named like this are position tables: decaying them towards zero has no regulariser meaning.
 NO_DECAY_KEYWORDS = ("pos_embed", "rel_pos_h", "rel_pos_w", "positional_embedding", "positional_encoding")
@@ -26,13 +30,13 @@ def _no_decay_names(model: nn.Module, keywords: tuple[str, ...]) -> set[str]:
 
 
 def _layer_scales(model: nn.Module, layer_decay: float) -> dict[str, float]:
-    """lr scale of every parameter inside an ImageEncoderViT: decay ** (depth + 1 - layer_id)."""
+    """lr scale of every parameter inside an image encoder: decay ** (num_lr_layers - layer_id)."""
     scales: dict[str, float] = {}
     for mod_name, module in model.named_modules():
-        if isinstance(module, ImageEncoderViT):
+        if isinstance(module, LAYERED_ENCODERS):
             prefix = f"{mod_name}." if mod_name else ""
             for p_name, _ in module.named_parameters():
-                scales[prefix + p_name] = layer_decay ** (module.depth + 1 - module.layer_id(p_name))
+                scales[prefix + p_name] = layer_decay ** (module.num_lr_layers - module.layer_id(p_name))
     return scales
 
 
@@ -47,13 +51,16 @@ def param_groups(
     """Parameter groups for torch optimizers, trainable (requires_grad) parameters only.
 
     Args:
-        model: a `Sam` (or any module containing an `ImageEncoderViT`).
+        model: a `Sam` (or any module containing an `ImageEncoderViT` or a `TinyViT`).
         lr: base learning rate (decoder / prompt encoder / neck run at it).
         weight_decay: applied to weight matrices / kernels only; 0 for biases, norms, position
             tables, rel-pos tables and embedding (token) tables.
         layer_decay: layer-wise lr decay of the image encoder (SAM paper: 0.8 ViT-H, 0.6 ViT-B); a
             parameter at encoder layer i gets lr * layer_decay ** (depth + 1 - i), where layer 0 is
             the patch / position embedding, blocks are 1..depth and the neck is depth + 1 (scale 1).
+            TinyViT follows its own stage order (MobileSAM's `set_layer_lr_decay`): block i of all
+            stages gets decay ** (blocks - 1 - i), the stem the first block's, the last block and
+            the neck 1.
         no_decay_keywords: substrings of parameter names that get no weight decay.
     Returns:
         groups with 'params', 'param_names', 'lr', 'weight_decay' and 'lr_scale' (schedulers that
