@@ -3,11 +3,11 @@
 State-dict keys equal MobileSAM's / LiteMedSAM's (`patch_embed.seq.0.c.weight`, `layers.N.blocks.M...`,
 `neck...`), so their checkpoints load with strict=True and ours load back into their code.
 
-Speed on CPU (where LiteMedSAM users fine-tune) comes from four things the reference does not do:
-channels-last activations for the convolutions, BatchNorm with frozen statistics is folded into its convolution on the fly (one pass over the large
-stage-0 maps instead of two, and no saved BN input for backward), attention runs through
-`scaled_dot_product_attention` with the LeViT bias as an additive mask, and the depthwise convolutions
-between attention and MLP read the token grid as a channels-last view instead of copying it to NCHW.
+Speed on CPU (where LiteMedSAM users fine-tune) comes from what the reference does not do: channels-last
+activations for oneDNN's convolutions; BatchNorm with frozen statistics folded into its convolution on the
+fly (one pass over the large stage-0 maps instead of two, no saved BN input for backward); attention
+through `scaled_dot_product_attention` with the LeViT bias as an additive mask; and the depthwise
+convolutions between attention and MLP reading the token grid as a channels-last view, without a copy.
 """
 
 from __future__ import annotations
