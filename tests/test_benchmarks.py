@@ -59,3 +59,14 @@ def test_decoder_only_smoke():
 def test_train_step_ddp_smoke():
     out = run("train_step.py", "--skip-baseline", "--ddp", "2")
     ratios(out, "DDP 2 processes / 1 process images/s")
+
+
+def test_encoder_speed_smoke():
+    out = run("encoder_speed.py")
+    assert "max relative difference vs reference" in out
+    rows = table_rows(out)
+    assert [(r[0], r[1]) for r in rows] == [(s, p) for p in ("fwd", "fwd+bwd")
+                                            for s in ("reference fp32", "sam_train fp32", "sam_train bf16")]
+    assert all(float(r[2]) > 0 and r[3].endswith("iB") for r in rows)
+    for kind in ("fwd sam", "fwd\\+bwd sam"):
+        assert len(ratios(out, kind)) == 2

@@ -324,8 +324,9 @@ def load_eval_model(cfg: DictConfig) -> Sam:
     from sam_train.models.checkpoint import load_sam_weights
 
     checkpoint = cfg.get("checkpoint")
-    if not checkpoint and not cfg.model.get("checkpoint"):
-        raise SamTrainError("checkpoint=<path> is required (a fit run's .ckpt or a SAM checkpoint)")
+    if not checkpoint and not cfg.model.get("checkpoint") and not cfg.model.get("pretrained"):
+        raise SamTrainError("checkpoint=<path> is required (a fit run's .ckpt or a SAM checkpoint), "
+                            "or a model with bundled weights (model=lite_medsam)")
     if checkpoint and not Path(checkpoint).exists():
         raise SamTrainError(f"checkpoint={checkpoint}: no such file")
     model = instantiate(cfg.model)
@@ -346,7 +347,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     datamodule = instantiate(cfg.data, train=None)  # only the val split is read
     dataset, loader = _val_set(datamodule)
-    extra = {"checkpoint": str(cfg.get("checkpoint") or cfg.model.get("checkpoint"))}
+    extra = {"checkpoint": str(cfg.get("checkpoint") or cfg.model.get("checkpoint")
+                               or f"{cfg.model.name} (bundled pretrained weights)")}
     result = run_evaluation(model, loader, opts, run_dir, dataset=dataset, extra=extra)
     log.info("metrics written to %s", run_dir / "metrics.json")
     return result

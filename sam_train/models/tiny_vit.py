@@ -27,8 +27,10 @@ from sam_train.models.image_encoder import window_partition, window_unpartition
 class ConvBN(nn.Module):
     """Conv2d without bias + BatchNorm2d (keys `c.*`, `bn.*`). [B, Ci, H, W] -> [B, Co, H', W'].
 
-    With the BatchNorm in eval mode (frozen statistics) the affine BN is folded into the kernel, which
-    is exact up to rounding and keeps weight, gamma and beta trainable through autograd.
+    In eval mode, or always with `freeze_stats` (set by TinyViT), the BatchNorm uses its running
+    statistics and is folded into the kernel: exact up to rounding, and weight, gamma and beta still
+    train through autograd. A flag rather than the BN's train/eval mode, because trainers (Lightning)
+    restore every submodule's mode on their own.
     """
 
     def __init__(
@@ -39,9 +41,10 @@ class ConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(out_chans)
         nn.init.constant_(self.bn.weight, bn_weight_init)
         nn.init.zeros_(self.bn.bias)
+        self.freeze_stats = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bn.training:
+        if self.bn.training and not self.freeze_stats:
             return self.bn(self.c(x))
         bn = self.bn
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
@@ -291,6 +294,9 @@ class TinyViT(nn.Module):
             LayerNorm2d(out_chans),
         )
         self.apply(_init_weights)
+        for m in self.modules():
+            if isinstance(m, ConvBN):
+                m.freeze_stats = freeze_bn_stats
 
     @property
     def num_lr_layers(self) -> int:
@@ -310,14 +316,6 @@ class TinyViT(nn.Module):
         if parts[2] == "blocks":
             return before + int(parts[3]) + 1
         return before + self.depths[stage]  # downsample
-
-    def train(self, mode: bool = True) -> TinyViT:
-        super().train(mode)
-        if self.freeze_bn_stats:
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
-        return self
 
     def _run(self, fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
