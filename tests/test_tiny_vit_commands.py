@@ -194,3 +194,16 @@ def test_annotate_and_autolabel_default_to_real_lite_medsam():
         for command in ("annotate", "autolabel"):
             cfg = compose(command, overrides=["source=x", "out_dir=y"] if command == "autolabel" else [])
             assert cfg.model.name == "lite_medsam" and cfg.model.pretrained, command
+
+
+@pytest.mark.slow
+def test_zero_shot_lite_medsam_on_the_demo_cases(tmp_path):
+    """The real weights, no training: held-out box Dice above 0, predictions written (README has the number)."""
+    run = tmp_path / "zs"
+    out = sam_train("eval", "model=lite_medsam", "data=mni_demo", "evaluate@_global_=default", f"run_dir={run}",
+                    f"data_root={tmp_path / 'data'}", "max_batches=2", "num_overlays=1")
+    metrics = json.loads((run / "metrics.json").read_text())
+    box = [v for k, v in metrics["summary"].items() if k.endswith("box/dice")]
+    assert box and min(box) > 0.0, metrics["summary"]
+    assert "box dice" in out.stdout
+    assert list((run / "predictions").glob("*.nii.gz"))
