@@ -99,9 +99,16 @@ def validate(config_name: str, overrides: list[str]) -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from sam_train.config_checks import check_values, explicit_keys, fit_warmup
+    from sam_train.errors import SamTrainError
+
     try:
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            compose(config_name, overrides=overrides)
+            cfg = compose(config_name, overrides=overrides)
+        check_values(cfg)
+        fit_warmup(cfg, explicit_keys(overrides), apply=False)
+    except SamTrainError as exc:
+        _error(str(exc))
     except MissingConfigException as exc:
         group = (exc.missing_cfg_file or "").split("/")[0]
         choices = ", ".join(exc.options or _options(group)) if group else ""
@@ -159,7 +166,10 @@ def _task(target: str):
     module_name, func_name = target.split(":")
 
     def task(cfg) -> None:
+        from sam_train.console import quiet_console
+
         func = getattr(importlib.import_module(module_name), func_name)
+        quiet_console()
         per_job_run_dir(cfg)
         try:
             func(cfg)
@@ -168,7 +178,7 @@ def _task(target: str):
             if message is None:
                 raise
             logging.getLogger("sam_train").debug("user error", exc_info=True)
-            _error(message)
+            _error(_one_line(message))
 
     return task
 

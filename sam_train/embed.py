@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,14 @@ def embed_dataset(
     num_workers: int = 0,
     model_info: Mapping[str, Any] | None = None,
     progress: bool = True,
+    deadline: float | None = None,
 ) -> list[Path]:
     """Encode every sample of `dataset` once (images [3, S, S] after SamTransform) into shards.
 
     Writes `out_dir/embeddings-000000.safetensors`, ... (`shard_size` images each, embeddings stored
     as `dtype`: "fp32" exact, "fp16" / "bf16" half the size); older shards in `out_dir` are removed.
-    `precision="bf16"` encodes under bf16 autocast (GPU). Returns the shard paths.
+    `precision="bf16"` encodes under bf16 autocast. `deadline` (a time.time() value): stop encoding after
+    the first batch that ends past it and keep what was encoded (a time-budgeted run). Returns the shard paths.
     """
     store = storage_dtype(dtype)
     if precision not in PRECISIONS:
@@ -87,6 +90,9 @@ def embed_dataset(
         n_images += len(samples)
         while len(pending) >= shard_size:
             flush(shard_size)
+        if deadline is not None and time.time() >= deadline and (total is None or n_images < total):
+            log.warning("embed: time budget reached after %d of %s images", n_images, total)
+            break
     if pending:
         flush(len(pending))
     log.info("embedded %d images into %d shards in %s", n_images, len(paths), out)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from sam_train.errors import SamTrainError
+from sam_train.loggers import finish_loggers
 from sam_train.train import build_trainer, prepare_run_dir, resume_checkpoint
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def pretrain(cfg: DictConfig) -> dict[str, float]:
     # weights_only: resuming never unpickles code (the optimiser betas are plain lists, see pretrain.yaml)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir), weights_only=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    finish_loggers(trainer.loggers)
     last = run_dir / "checkpoints" / "last.ckpt"
     log.info(
         "run directory: %s; turn it into a SAM encoder with: sam-train export mae-to-sam checkpoint=%s "

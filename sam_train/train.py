@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from sam_train.errors import SamTrainError
+from sam_train.loggers import finish_loggers
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,15 @@ def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from sam_train.callbacks import StepProgressBar
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    # not a config node: Lightning refuses a progress-bar callback when trainer.enable_progress_bar=false
+    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(StepProgressBar())
+    return callbacks
 
 
 def build_loggers(cfg: DictConfig) -> list[Any]:
@@ -91,14 +100,41 @@ def build_sam_module(cfg: DictConfig) -> pl.LightningModule:
     return instantiate(cfg.module, model=model)
 
 
+def command_line() -> list[str]:
+    """The overrides the user gave on the command line (empty outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def evaluation_requested(cfg: DictConfig) -> bool:
+    """cfg.evaluate is set and the command line did not remove it (`~evaluate`, `evaluate=null`): a recipe
+    that sets some of its keys leaves a partial node behind when the group itself is removed."""
+    removed = any(o.split("=", 1)[0] == "~evaluate" or o in ("evaluate=null", "evaluate=none") for o in command_line())
+    return cfg.get("evaluate") is not None and not removed
+
+
+def log_model_size(model: torch.nn.Module, cfg: DictConfig) -> None:
+    """One line instead of Lightning's model summary table (trainer.enable_model_summary=true for it)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    name = OmegaConf.select(cfg, "model.name") or type(model).__name__
+    log.info("model: %s, %.2fM parameters, %.2fM trained", name, total / 1e6, trainable / 1e6)
+
+
 def fit(cfg: DictConfig) -> dict[str, float]:
     """Train / fine-tune SAM as configured; returns the final logged metrics."""
+    from sam_train.config_checks import check_values, explicit_keys, fit_warmup
+
+    check_values(cfg)
+    fit_warmup(cfg, explicit_keys(command_line()))  # before the run dir's config.yaml records the config
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision") and torch.cuda.is_available():  # TF32 on GPUs; on CPUs it only slows down
         torch.set_float32_matmul_precision(cfg.matmul_precision)
     run_dir = prepare_run_dir(cfg)
     datamodule = instantiate(cfg.data)
     module = build_sam_module(cfg)
+    log_model_size(module.model, cfg)
     trainer = build_trainer(cfg, run_dir)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir), weights_only=True)
@@ -107,7 +143,7 @@ def fit(cfg: DictConfig) -> dict[str, float]:
 
         raise SystemExit(exc.code if isinstance(exc.code, int) and exc.code else EXIT_REQUEUE) from exc
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    if cfg.get("evaluate") is not None and trainer.is_global_zero:
+    if evaluation_requested(cfg) and trainer.is_global_zero:
         from sam_train.eval.run import evaluate_after_fit
 
         metrics.update(evaluate_after_fit(cfg, module.model, datamodule, run_dir))
@@ -115,5 +151,6 @@ def fit(cfg: DictConfig) -> dict[str, float]:
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.save()
+    finish_loggers(trainer.loggers)
     log.info("run directory: %s", run_dir)
     return metrics

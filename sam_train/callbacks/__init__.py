@@ -8,6 +8,7 @@ from sam_train.callbacks.epoch_end import EpochEndCheckpoint
 from sam_train.callbacks.fault_injection import FaultInjection, InjectedFault
 from sam_train.callbacks.nonfinite import NonFiniteError, NonFiniteGuard
 from sam_train.callbacks.preemption import EXIT_REQUEUE, Preempted, PreemptionCheckpoint
+from sam_train.callbacks.progress import StepProgressBar
 
 __all__ = [
     "EXIT_REQUEUE",
@@ -21,6 +22,7 @@ __all__ = [
     "PreemptionCheckpoint",
     "RankFailureReporter",
     "SkipMonitor",
+    "StepProgressBar",
     "atomic_torch_save",
     "load_weights_only",
 ]

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from sam_train.models.checkpoint import CheckpointError
+from sam_train.models.checkpoint import read_checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +62,14 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 
 
 def load_weights_only(path: str | Path, map_location: Any = "cpu") -> Any:
-    """torch.load with weights_only=True; a pickle needing arbitrary code raises CheckpointError."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        lines = str(err).splitlines()
-        reason = next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
-        raise CheckpointError(
-            f"{path}: refused to load, the pickle needs arbitrary code to unpickle ({reason}). "
-            f"Checkpoints are read with torch.load(weights_only=True), which allows only tensors and plain "
-            f"containers, because an untrusted pickle can execute code. Re-save it as a plain state dict "
-            f"(or .safetensors) from a trusted environment."
-        ) from err
-    except (RuntimeError, EOFError) as err:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {err}") from err
+    """torch.load with weights_only=True, diagnosed as `read_checkpoint_file` does (not a checkpoint /
+    truncated or corrupt / needs code to unpickle: CheckpointError naming the file)."""
+    checkpoint = read_checkpoint_file(Path(path))  # on the CPU
+    if map_location in (None, "cpu"):
+        return checkpoint
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    return move_data_to_device(checkpoint, torch.device(map_location))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -106,7 +106,7 @@ class NonFiniteGuard(pl.Callback):
         pl_module.log("train/skipped_steps", float(self.skipped), rank_zero_only=True)
         if self.consecutive >= self.max_consecutive:
             path = self._checkpoint_dir(trainer) / self.filename
-            trainer.save_checkpoint(path)  # parameters are still those of the last good step
+            trainer.save_checkpoint(path, weights_only=False)  # parameters are still those of the last good step
             raise NonFiniteError(
                 f"{self.consecutive} consecutive optimiser steps with a non-finite {what} (last at step "
                 f"{trainer.global_step}, batch ids {ids}); stopped after NonFiniteGuard.max_consecutive="

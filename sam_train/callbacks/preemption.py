@@ -235,7 +235,7 @@ class PreemptionCheckpoint(pl.Callback):
 
     def _save(self, trainer: pl.Trainer) -> str:
         path = self._checkpoint_dir(trainer) / self.filename
-        trainer.save_checkpoint(path)  # every rank: rank 0 writes (atomically), then a barrier
+        trainer.save_checkpoint(path, weights_only=False)  # every rank: rank 0 writes (atomically), then a barrier
         name = signal.Signals(self.received).name if self.received is not None else "SIGTERM"
         message = (
             f"preempted ({name} on rank {trainer.global_rank}): checkpoint saved at step {trainer.global_step} "

@@ -20,7 +20,9 @@ _LAZY = {
     "write_shards": "webdataset",
     "convert": "convert",
     "SamDataModule": "datamodule",
+    "CachedEmbeddingDataModule": "cached",
     "prepare_mni_demo": "demo",
+    "prepare_mni_subcortical": "demo",
     "make_toy_shapes": "demo",
 }
 

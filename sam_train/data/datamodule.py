@@ -36,20 +36,29 @@ class ResumableSampler(DistributedSampler):
     yielded in this epoch): StatefulDataLoader saves it, and a restored sampler continues the same
     epoch's order where it stopped (Lightning creates the resumed iterator before it calls set_epoch,
     so the epoch must come from the state).
+
+    `batch_size` > 1 (the loader drops its last incomplete batch) truncates each rank's epoch to whole
+    batches here, in the sampler: otherwise a checkpoint after an epoch's last batch would hold a
+    sampler with a few indices left, which the resumed loader reads as "mid-epoch", drops as an
+    incomplete batch, and so skips a whole epoch of the uninterrupted run's order.
     """
 
-    def __init__(self, dataset: Any, *, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(self, dataset: Any, *, shuffle: bool = True, seed: int = 0, batch_size: int = 1) -> None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         replicas = {} if distributed else {"num_replicas": 1, "rank": 0}
         super().__init__(dataset, shuffle=shuffle, seed=seed, drop_last=False, **replicas)
+        self.batch_size = max(int(batch_size), 1)
         self.yielded = 0
         self._resume_at = 0
+
+    def __len__(self) -> int:
+        return self.num_samples // self.batch_size * self.batch_size
 
     def __iter__(self) -> Iterator[int]:
         n, epoch = len(self.dataset), self.epoch
         start, self._resume_at = self._resume_at, 0
         self.yielded = start
-        for i in list(super().__iter__())[start:]:
+        for i in list(super().__iter__())[start : len(self)]:
             self.yielded += 1
             yield epoch * n + int(i)
 
@@ -66,8 +75,10 @@ class ResumableSampler(DistributedSampler):
 
 
 class EpochSeededDataset(Dataset):
-    """Reads key `epoch * n + index` as `dataset[index]`, seeding the dataset's transform (if it has
-    `seed_next`, like SamTransform) from (seed, epoch, index) first."""
+    """Reads key `epoch * n + index` as `dataset[index]`, first seeding whatever draws random numbers
+    for the sample from (seed, epoch, index): the dataset's transform and / or the dataset itself, if
+    they have `seed_next` (SamTransform, EmbeddingDataset's object subsampling). Plain keys 0..n-1
+    (a sequential loader, validation) are epoch 0: every validation then sees the same samples."""
 
     def __init__(self, dataset: Any, *, seed: int) -> None:
         self.dataset = dataset
@@ -78,9 +89,9 @@ class EpochSeededDataset(Dataset):
 
     def __getitem__(self, key: int) -> Any:
         epoch, index = divmod(int(key), len(self.dataset))
-        transform = getattr(self.dataset, "transform", None)
-        if hasattr(transform, "seed_next"):
-            transform.seed_next(sample_seed(self.seed, epoch, index))
+        for target in (self.dataset, getattr(self.dataset, "transform", None)):
+            if hasattr(target, "seed_next"):
+                target.seed_next(sample_seed(self.seed, epoch, index))
         return self.dataset[index]
 
 
@@ -92,7 +103,7 @@ class SamDataModule(L.LightningDataModule):
         val, test: optional evaluation datasets.
         batch_size: images per batch (objects per batch vary: all masks of the images are concatenated).
         num_workers: DataLoader worker processes; iterable datasets split their shards across them.
-        pin_memory: page-locked host batches for faster copies to the GPU.
+        pin_memory: page-locked host batches for faster copies to the GPU (ignored without CUDA).
         persistent_workers: keep workers alive between epochs (only used when num_workers > 0).
         drop_last: drop the last incomplete training batch.
         seed: seed of the training order and of each training sample's augmentation (map-style datasets).
@@ -123,19 +134,20 @@ class SamDataModule(L.LightningDataModule):
         self.seed = seed
 
     def _loader(self, dataset: Any, *, batch_size: int, train: bool) -> DataLoader:
-        iterable = isinstance(dataset, IterableDataset)
-        if train and not iterable:
+        sampler = None  # iterable datasets shuffle shards and a buffer themselves
+        if not isinstance(dataset, IterableDataset):
             dataset = EpochSeededDataset(dataset, seed=self.seed)
-            sampler = ResumableSampler(dataset, shuffle=True, seed=self.seed)
-        else:
-            sampler = None  # iterable datasets shuffle shards and a buffer themselves
+            if train:
+                sampler = ResumableSampler(
+                    dataset, shuffle=True, seed=self.seed, batch_size=batch_size if self.drop_last else 1
+                )
         loader_cls = StatefulDataLoader if train else DataLoader
         return loader_cls(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),  # nothing to pin for on a CPU (and it warns)
             persistent_workers=self.persistent_workers,
             drop_last=self.drop_last and train,
             collate_fn=collate_sam,

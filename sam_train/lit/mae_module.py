@@ -14,7 +14,7 @@ import torch
 from torchvision.utils import make_grid
 
 from sam_train.data.image_only import IMAGENET_MEAN, IMAGENET_STD
-from sam_train.lit.sam_module import step_seed
+from sam_train.lit.sam_module import seed_global_rngs, step_seed
 from sam_train.models.mae import MaskedAutoencoderViT
 from sam_train.optim.schedules import warmup_cosine_schedule
 
@@ -114,6 +114,9 @@ class MaeModule(pl.LightningModule):
         self._last_image_step = -1
 
     # ------------------------------------------------------------------ steps
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:  # drop path: exact after a resume
+        seed_global_rngs(step_seed(self.seed, self.global_rank, 2, self.global_step, batch_idx))
+
     def training_step(self, batch: torch.Tensor | Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         imgs = batch if isinstance(batch, torch.Tensor) else batch[0]  # (images, labels) from class folders
         gen = torch.Generator(device=self.device)

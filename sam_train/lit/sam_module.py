@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import random
 from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
@@ -30,6 +32,18 @@ def step_seed(seed: int, *parts: int) -> int:
     """A 63-bit seed derived from (seed, step, rank, ...): same inputs -> same prompts, on any process."""
     digest = hashlib.blake2b(repr((seed,) + parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Reseed torch's (CPU and CUDA), numpy's and Python's global generators.
+
+    Called with a step seed before every training batch: whatever draws from them during the step
+    (drop path, dropout, a library's augmentation) is then a pure function of the step, so a resumed run
+    repeats the uninterrupted run exactly, on every rank, without saving generator states.
+    """
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 class SamModule(pl.LightningModule):
@@ -113,6 +127,9 @@ class SamModule(pl.LightningModule):
         )
 
     # ------------------------------------------------------------------ steps
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        seed_global_rngs(step_seed(self.seed, self.global_rank, 2, self.global_step, batch_idx))
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         result = self.run_prompts(batch, self.prompts, self.generator(0, self.global_step))
         bs = batch["image_ids"].numel()

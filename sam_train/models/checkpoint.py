@@ -46,7 +46,14 @@ class CheckpointError(SamTrainError, ValueError):
 
 # ----------------------------------------------------------------------------------- reading
 def read_checkpoint_file(path: Path) -> object:
-    """Raw content of a checkpoint file: a dict of tensors (safetensors) or the unpickled object."""
+    """Raw content of a checkpoint file: a dict of tensors (safetensors) or the unpickled object.
+
+    Raises CheckpointError naming the file and which of these it is: not a checkpoint at all; a
+    truncated or corrupt one; one whose pickle needs arbitrary code (refused: weights_only=True).
+    A checkpoint of another model is reported when its keys are checked (`check_state_dict`).
+    """
+    import zipfile
+
     if path.is_dir():
         candidate = path / "model.safetensors"
         if not candidate.is_file():
@@ -54,26 +61,58 @@ def read_checkpoint_file(path: Path) -> object:
         path = candidate
     if not path.is_file():
         raise FileNotFoundError(f"SAM checkpoint not found: {path}")
-    if path.suffix == SAFETENSORS_SUFFIX:
+    # Sniff the format first: torch's weights-only unpickler refuses random bytes with the same message as a
+    # pickle that needs code, so unpickling errors alone cannot tell "not a checkpoint" from "unsafe".
+    with open(path, "rb") as f:
+        head = f.read(16)
+    size = path.stat().st_size
+    is_zip = head.startswith(b"PK\x03\x04")  # torch.save since 1.6
+    is_pickle = head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5  # legacy torch.save: pickle protocol
+    is_safetensors = len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < size
+    expected = "expected a torch checkpoint (.pth / .pt / .ckpt from torch.save) or a .safetensors file"
+    if not head:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint; {expected}")
+    if not (is_zip or is_pickle or is_safetensors):
+        raise CheckpointError(f"{path}: not a checkpoint (unrecognised content, first bytes {head[:8]!r}); {expected}")
+    if is_zip and not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path}: truncated or corrupt checkpoint (a torch zip archive without its end, {size} bytes: an "
+            f"interrupted copy or download?); copy it again from the source"
+        )
+    if is_safetensors or path.suffix == SAFETENSORS_SUFFIX:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path), device="cpu")
-        except SafetensorError as err:
-            raise CheckpointError(f"{path}: not a valid safetensors file ({err})") from err
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({err})") from err
+
+    def reason(err: Exception) -> str:  # what torch's message names (its first lines are advice)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+        if found := re.search(r"Unsupported global: GLOBAL (\S+)", text):
+            return f"unsupported global {found.group(1)}"
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return next((line for line in lines if "Unsupported" in line), lines[-1] if lines else type(err).__name__)
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Unsupported" not in str(err):
+            message = f"{path}: truncated or corrupt checkpoint (unreadable pickle: {reason(err)})"
+            raise CheckpointError(message) from err
         # torch's weights-only unpickler refuses globals it does not know (custom classes, functions):
         # loading those would run arbitrary code from the file.
         raise CheckpointError(
-            f"{path}: refused to load, the pickle needs arbitrary code to unpickle (weights_only=True "
-            f"allows only tensors and plain containers; untrusted pickles can execute code). Re-save it "
-            f"as a plain state dict or as .safetensors. torch said: {str(err).splitlines()[0]}"
+            f"{path}: refused to load, the pickle needs arbitrary code to unpickle ({reason(err)}). weights_only=True "
+            f"allows only tensors and plain containers, since untrusted pickles can execute code; re-save it as a "
+            f"plain state dict or as .safetensors"
         ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:  # members / storages cut short
+        raise CheckpointError(
+            f"{path}: truncated or corrupt checkpoint ({type(err).__name__}: {str(err).strip() or 'unexpected end'}); "
+            f"copy it again from the source"
+        ) from err
 
 
 _read_file = read_checkpoint_file  # older private name, used by sam_train.export.mae_to_sam

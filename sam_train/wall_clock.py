@@ -1,0 +1,87 @@
+"""A wall-clock budget for a whole `fit`, data set-up and caching passes included.
+
+Lightning's `trainer.max_time` (its Timer callback) counts only the time spent in the training loop, so a
+run that first encodes its data set (cached embeddings) would overrun a budget such as "10 minutes on this
+CPU". `WallClockBudget` counts from its own creation instead (when `fit` builds the trainer, before the data
+are set up and cached): it stops training after the first optimiser step that ends past the budget, and
+tells data modules how much time is left for caching.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+
+log = logging.getLogger(__name__)
+
+
+def parse_duration(value: str | int | float | Mapping[str, Any] | None) -> float | None:
+    """Lightning's max_time forms -> seconds: "DD:HH:MM:SS", seconds, or {"days": .., "hours": .., ...}."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, Mapping):
+        units = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
+        unknown = set(value) - set(units)
+        if unknown:
+            raise ValueError(f"max_time: unknown unit(s) {sorted(unknown)}; valid: {sorted(units)}")
+        return float(sum(float(v) * units[k] for k, v in value.items()))
+    parts = str(value).split(":")
+    if len(parts) != 4:
+        raise ValueError(f"max_time must be DD:HH:MM:SS (e.g. 00:00:10:00), got {value!r}")
+    try:
+        d, h, m, s = (float(p) for p in parts)
+    except ValueError as exc:
+        raise ValueError(f"max_time must be DD:HH:MM:SS (e.g. 00:00:10:00), got {value!r}") from exc
+    return d * 86400 + h * 3600 + m * 60 + s
+
+
+class WallClockBudget(pl.Callback):
+    """Stop `fit` once `max_time` has passed since this callback was made (set-up and caching included).
+
+    Args:
+        max_time: the budget, in any form Lightning's `trainer.max_time` takes; None disables the callback.
+        start: time.time() the budget counts from (default: now). Not the process start: a process that
+            runs several fits (tests, sweeps, notebooks) would otherwise find the budget spent.
+    """
+
+    def __init__(self, *, max_time: str | int | float | Mapping[str, Any] | None = None,
+                 start: float | None = None) -> None:
+        self.budget = parse_duration(max_time)
+        self.start = time.time() if start is None else float(start)
+
+    @property
+    def deadline(self) -> float | None:
+        return None if self.budget is None else self.start + self.budget
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def remaining(self) -> float | None:
+        return None if self.budget is None else self.budget - self.elapsed()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.budget is not None:
+            log.info("wall-clock budget %.0f s, %.0f s used before the first step (start-up, caching)",
+                     self.budget, self.elapsed())
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self.budget is None:
+            return
+        pl_module.log("train/wall_s", self.elapsed(), on_step=True, on_epoch=False, batch_size=1)
+        over = trainer.strategy.reduce_boolean_decision(self.elapsed() >= self.budget, all=False)  # any rank
+        if over and not trainer.should_stop:
+            log.info("wall-clock budget of %.0f s reached after %d steps (%.0f s since the fit started)",
+                     self.budget, trainer.global_step, self.elapsed())
+            trainer.should_stop = True
+
+
+def budget_of(trainer: pl.Trainer) -> WallClockBudget | None:
+    """The trainer's WallClockBudget with a budget, if any (the earliest deadline when there are several)."""
+    budgets = [c for c in trainer.callbacks if isinstance(c, WallClockBudget) and c.budget is not None]
+    return min(budgets, key=lambda c: c.deadline) if budgets else None
