@@ -63,6 +63,9 @@ COMMANDS: dict[str, Command] = {
         "embed", "sam_train.embed:embed_from_config",
         "encode a data set once: image embeddings + masks for decoder-only training",
     ),
+    "distill": Command(
+        "distill", "sam_train.distill.run:distill", "distil a SAM image encoder into a smaller student (MobileSAM / SAMI)"
+    ),
 }
 
 

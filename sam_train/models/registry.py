@@ -134,6 +134,18 @@ SAM_CONFIGS: dict[str, ModelConfig] = {
     # LiteMedSAM: MobileSAM's TinyViT at 256 px with a full-resolution 1x1 stem (64 x 64 embedding),
     # images scaled to [0, 1] by their own min / max instead of pixel mean / std.
     "lite_medsam": TinySamConfig(img_size=256, stem_stride=1, pixel_norm="min_max"),
+    # Distillation student of lite_medsam (sam-train distill recipe=distill_demo): the same 256 x 64 x 64
+    # embedding from a stride-4 stem and narrow stages that all stay at 64 x 64 (~10 vs 75 GFLOPs per image).
+    "lite_medsam_tiny": TinySamConfig(
+        img_size=256,
+        stem_stride=4,
+        encoder_embed_dims=(32, 64, 96, 128),
+        encoder_depths=(1, 1, 2, 1),
+        encoder_num_heads=(1, 2, 3, 4),
+        window_sizes=(8, 8, 8, 8),
+        downsample_strides=(1, 1, 1),
+        pixel_norm="min_max",
+    ),
 }
 
 # Registered names whose real weights a pip package bundles (`pretrained=True`, `checkpoint=<name>`).
