@@ -4,7 +4,7 @@
    training slices for a fixed number of steps.
 2. Export it into vit_t (`export_mae_to_sam`). The random-init baseline is the same SAM template
    (same seed) without the MAE encoder weights: the two starts differ only in the image encoder.
-3. Fine-tune both with recipe medical_demo, the same steps, seed and data order.
+3. Fine-tune both with recipe medical_vit_t, the same steps, seed and data order.
 4. Print box-prompt Dice / IoU on the held-out cases (and the filled-box baseline) for both.
 
     python benchmarks/mae_downstream.py            # ~10-15 minutes on 2 busy CPU cores
@@ -45,11 +45,11 @@ def random_init_checkpoint(out: Path, seed: int) -> Path:
 
 
 def finetune_and_evaluate(init: Path, run_dir: Path, data_root: Path, steps: int, seed: int) -> dict[str, float]:
-    """Fine-tune vit_t from `init` with recipe medical_demo; box / filled-box Dice on the val cases."""
+    """Fine-tune vit_t from `init` with recipe medical_vit_t; box / filled-box Dice on the val cases."""
     cfg = _compose(
         "fit",
         [
-            "recipe=medical_demo",
+            "recipe=medical_vit_t",
             "~evaluate",  # scored below, on exactly the same loader for both inits
             f"model.checkpoint={init}",
             f"run_dir={run_dir}",
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench_mae_downstream"), help="work directory")
     parser.add_argument("--pretrain-steps", type=int, default=400)
-    parser.add_argument("--finetune-steps", type=int, default=300, help="as recipe medical_demo")
+    parser.add_argument("--finetune-steps", type=int, default=300, help="as recipe medical_vit_t")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--smoke", action="store_true", help="3 pretraining and 2 fine-tuning steps")

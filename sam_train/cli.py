@@ -64,7 +64,8 @@ COMMANDS: dict[str, Command] = {
         "encode a data set once: image embeddings + masks for decoder-only training",
     ),
     "distill": Command(
-        "distill", "sam_train.distill.run:distill", "distil a SAM image encoder into a smaller student (MobileSAM / SAMI)"
+        "distill", "sam_train.distill.run:distill",
+        "distil a SAM image encoder into a smaller student (MobileSAM / SAMI)",
     ),
 }
 

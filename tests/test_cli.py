@@ -14,7 +14,8 @@ from sam_train.cli import COMMANDS, CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(p.stem for p in (ROOT / "sam_train" / "configs" / "recipe").glob("*.yaml"))
-FIT_RECIPES = [r for r in RECIPES if not r.startswith(("mae_", "data_engine"))]
+COMMAND_OF_PREFIX = {"mae_": "pretrain", "data_engine": "engine", "distill_": "distill"}  # other recipes: fit
+FIT_RECIPES = [r for r in RECIPES if not r.startswith(tuple(COMMAND_OF_PREFIX))]
 
 
 def sam_train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -57,7 +58,7 @@ def test_bad_input_gives_one_line_error(args, expected):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_composes(recipe):
-    config = "pretrain" if recipe.startswith("mae_") else "engine" if recipe.startswith("data_engine") else "fit"
+    config = next((c for prefix, c in COMMAND_OF_PREFIX.items() if recipe.startswith(prefix)), "fit")
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config, overrides=[f"recipe={recipe}"])
     assert cfg.name

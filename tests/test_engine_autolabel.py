@@ -130,7 +130,8 @@ def test_autolabel_recovers_known_objects_after_brief_training(tmp_path: Path):
 
     from sam_train.engine.loop import train_round
 
-    with initialize_config_dir(str(Path(__file__).resolve().parent.parent / "sam_train" / "configs"), version_base="1.3"):
+    config_dir = Path(__file__).resolve().parent.parent / "sam_train" / "configs"
+    with initialize_config_dir(str(config_dir), version_base="1.3"):
         cfg = compose("engine", overrides=["recipe=data_engine_demo", f"run_dir={tmp_path}/run",
                                             "trainer.enable_progress_bar=false", "logger=csv"])
     start = time.perf_counter()

@@ -28,7 +28,9 @@ def test_script_parses(script):
 def test_expected_scripts_exist():
     names = {p.name for p in SCRIPTS}
     assert {"launch.sh", "local_cluster.sh", "test_local_slurm.sh"} <= names
-    assert {p.name for p in SBATCH} == {"fit_single_node.sbatch", "fit_multi_node.sbatch", "pretrain_mae.sbatch"}
+    assert {p.name for p in SBATCH} == {
+        "fit_single_node.sbatch", "fit_multi_node.sbatch", "pretrain_mae.sbatch", "distill.sbatch"
+    }
 
 
 def _directives(script: Path) -> dict[str, str]:
