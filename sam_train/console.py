@@ -20,6 +20,7 @@ QUIET_WARNINGS = (
     (r".*isinstance\(treespec, LeafSpec\)", Warning),  # Lightning's pytree helper on torch >= 2.10
     (r".*ThroughputMonitor.*flops_per_batch", Warning),  # FLOPs vary per batch (objects x iterations)
     (r".*is smaller than the logging interval", Warning),  # step-based logging runs across short epochs
+    (r"The `srun` command is available", Warning),  # Lightning's hint whenever Slurm is installed, in or out of a job
 )
 
 
