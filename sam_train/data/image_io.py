@@ -15,6 +15,18 @@ from sam_train.data.sample import DataError, grey_to_rgb
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
+def image_files(root: str | Path) -> list[Path]:
+    """Every image file (IMAGE_SUFFIXES) under `root`, recursively, sorted; DataError for a missing or
+    image-less folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{root}: no image files found (expected {', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
 def _open(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():

@@ -20,7 +20,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision.transforms import InterpolationMode, v2
 
 from sam_train.data.datamodule import EpochSeededDataset, ResumableSampler
-from sam_train.data.image_io import IMAGE_SUFFIXES, decode_image_bytes, read_image
+from sam_train.data.image_io import decode_image_bytes, image_files, read_image
 from sam_train.data.sample import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -85,11 +85,7 @@ class ImageFolderDataset(Dataset):
 
     def __init__(self, root: str | Path, *, transform: ImageTransform | None = None) -> None:
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise DataError(f"{self.root}: image folder not found")
-        self.files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.files:
-            raise DataError(f"{self.root}: no image files found (expected {', '.join(IMAGE_SUFFIXES)})")
+        self.files = image_files(self.root)
         self.transform = transform
 
     def __len__(self) -> int:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sam_train.data.datamodule import SamDataModule
 from sam_train.data.embeddings import SHARD_GLOB, EmbeddingDataset
-from sam_train.data.image_io import IMAGE_SUFFIXES, read_image
+from sam_train.data.image_io import image_files, read_image
 from sam_train.data.sample import DataError, SampleDataset, collate_sam, make_sample
 from sam_train.errors import SamTrainError
 
@@ -38,11 +38,7 @@ class UnlabelledImageFolder(SampleDataset):
     def __init__(self, *, root: str | Path, transform=None, on_error: str = "raise", max_skip_fraction: float = 0.1):
         super().__init__(transform=transform, on_error=on_error, max_skip_fraction=max_skip_fraction)
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise DataError(f"{self.root}: image folder not found")
-        self.files = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.files:
-            raise DataError(f"{self.root}: no image files found (expected {', '.join(IMAGE_SUFFIXES)})")
+        self.files = image_files(self.root)
 
     def __len__(self) -> int:
         return len(self.files)

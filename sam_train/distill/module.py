@@ -10,10 +10,16 @@ import torch
 
 from sam_train.distill.losses import embedding_mse
 from sam_train.distill.models import check_compatible, freeze, teacher_embeddings
-from sam_train.lit.sam_module import ParamGroupsFactory, SchedulerFactory, seed_global_rngs, step_seed
+from sam_train.lit.sam_module import (
+    OptimizerFactory,
+    ParamGroupsFactory,
+    SchedulerFactory,
+    optimizer_config,
+    seed_global_rngs,
+    step_seed,
+)
 from sam_train.models.sam import Sam
 
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
 EmbeddingLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -84,8 +90,4 @@ class DistillModule(pl.LightningModule):
         self.log("val/embedding_mse", self.embedding_loss(batch), batch_size=len(batch["ids"]), sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.param_groups_factory(self.model))
-        if self.scheduler_factory is None:
-            return {"optimizer": optimizer}
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_config(self.model, self.optimizer_factory, self.param_groups_factory, self.scheduler_factory)

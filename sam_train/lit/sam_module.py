@@ -46,6 +46,20 @@ def seed_global_rngs(seed: int) -> None:
     random.seed(seed)
 
 
+def optimizer_config(
+    model: nn.Module,
+    optimizer: OptimizerFactory,
+    param_groups: ParamGroupsFactory,
+    scheduler: SchedulerFactory | None,
+) -> dict[str, Any]:
+    """Lightning's `configure_optimizers` answer: the optimiser over `param_groups(model)` and, if given, the
+    scheduler stepped every optimiser step (shared by the Lightning modules that train a SAM)."""
+    opt = optimizer(param_groups(model))
+    if scheduler is None:
+        return {"optimizer": opt}
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler(opt), "interval": "step"}}
+
+
 class SamModule(pl.LightningModule):
     """Trains SAM on batches in the `collate_sam` format (see docs/architecture.md).
 
@@ -154,8 +168,4 @@ class SamModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.param_groups_factory(self.model))
-        if self.scheduler_factory is None:
-            return {"optimizer": optimizer}
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_config(self.model, self.optimizer_factory, self.param_groups_factory, self.scheduler_factory)
