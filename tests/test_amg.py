@@ -11,7 +11,7 @@ from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.utils import amg as official_amg
 from skimage import morphology
 
-from sam_train.eval.amg import (
+from sam_train.inference.amg import (
     AutomaticMaskGenerator,
     build_point_grid,
     generate_crop_boxes,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sam_train.eval.attack import _interior_points, pgd_embedding_attack, robustness_report
-from sam_train.eval.predictor import SamPredictor
+from sam_train.inference.predictor import SamPredictor
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from sam_train.data.webdataset import ShardDataset, write_shards
 from sam_train.engine.autolabel import AutoLabeler, autolabel, iter_images
 from sam_train.engine.merge import match_scores, to_rles
 from sam_train.engine.shards import ShardSamples, annotations_of, read_records
-from sam_train.eval.amg import AutomaticMaskGenerator
+from sam_train.inference.amg import AutomaticMaskGenerator
 from sam_train.models import build_sam
 
 # a random model scores low: thresholds off so that it still yields masks to check the plumbing

@@ -34,7 +34,7 @@ from pycocotools import mask as mask_utils
 
 from sam_train.data.image_io import IMAGE_SUFFIXES, encode_image, read_image
 from sam_train.data.sample import DataError
-from sam_train.eval.predictor import SamPredictor
+from sam_train.inference.predictor import SamPredictor
 from sam_train.models.sam import Sam
 
 log = logging.getLogger(__name__)

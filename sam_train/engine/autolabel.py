@@ -25,7 +25,7 @@ from sam_train.data.image_io import IMAGE_SUFFIXES, read_image
 from sam_train.data.sample import DataError
 from sam_train.engine.merge import Rle, dedup, match_scores, merge_proposals, to_rles
 from sam_train.engine.shards import labelled_record, write_records
-from sam_train.eval.amg import AutomaticMaskGenerator
+from sam_train.inference.amg import AutomaticMaskGenerator
 from sam_train.models.sam import Sam
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sam_train.eval.predictor import SamPredictor
+from sam_train.inference.predictor import SamPredictor
 from sam_train.models.resize import resize_longest_side
 from sam_train.models.sam import Sam
 

@@ -20,7 +20,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.ops import batched_nms, box_area
 
-from sam_train.eval.predictor import SamPredictor, image_to_tensor
+from sam_train.inference.predictor import SamPredictor, image_to_tensor
 from sam_train.models.resize import preprocess_shape
 from sam_train.models.sam import Sam
 
