@@ -1,9 +1,6 @@
-"""Library entry point behind `sam-train pretrain`: MAE pretraining of a SAM image encoder.
+"""The MNI152 demo's slices as an image folder for MAE pretraining (configs/mae_data/mni_demo.yaml).
 
-`pretrain(cfg)` mirrors `sam_train.train.fit`: run directory, trainer, loggers, callbacks and
-resumption come from the same helpers; the model is `cfg.mae_model` (a `MaskedAutoencoderViT`), the
-data `cfg.mae_data` (an `ImageOnlyDataModule`) and the LightningModule `cfg.module` (`MaeModule`).
-Export the result with `sam-train export mae-to-sam checkpoint=<run_dir>/checkpoints/last.ckpt ...`.
+`sam-train pretrain` itself is `sam_train.commands.pretrain`.
 """
 
 from __future__ import annotations
@@ -11,54 +8,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import lightning.pytorch as pl
-import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from sam_train.errors import SamTrainError
-from sam_train.loggers import finish_loggers
-from sam_train.train import build_trainer, prepare_run_dir, resume_checkpoint
-
 log = logging.getLogger(__name__)
-
-
-def check_required(cfg: DictConfig) -> None:
-    """Fail with one clear line when a mandatory value (`???`, e.g. mae_data.root) was not given."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise SamTrainError(
-            f"missing required value(s): {', '.join(missing)}; set them on the command line, e.g. "
-            f"{missing[0]}=/path/to/images"
-        )
-
-
-def pretrain(cfg: DictConfig) -> dict[str, float]:
-    """MAE-pretrain as configured; returns the final logged metrics (e.g. train/loss)."""
-    check_required(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
-    if cfg.get("matmul_precision") and torch.cuda.is_available():
-        # TF32 on GPUs; on CPUs "high" made the tiny MAE step ~2x slower (measured), so CPUs keep full fp32.
-        torch.set_float32_matmul_precision(cfg.matmul_precision)
-    run_dir = prepare_run_dir(cfg)
-    datamodule = instantiate(cfg.mae_data)
-    module = instantiate(cfg.module, model=instantiate(cfg.mae_model))
-    trainer = build_trainer(cfg, run_dir)
-    # weights_only: resuming never unpickles code (the optimiser betas are plain lists, see pretrain.yaml)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(cfg, run_dir), weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    finish_loggers(trainer.loggers)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    log.info(
-        "run directory: %s; turn it into a SAM encoder with: sam-train export mae-to-sam checkpoint=%s "
-        "out=%s sam_name=<vit_t|vit_b|vit_l|vit_h matching %s>",
-        run_dir,
-        last,
-        run_dir / "sam_init.pth",
-        cfg.mae_model.name,
-    )
-    return metrics
 
 
 def mni_demo_image_folder(

@@ -19,10 +19,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from sam_train.cli import CONFIG_DIR
+from sam_train.commands.fit import fit
+from sam_train.commands.pretrain import pretrain
 from sam_train.errors import SamTrainError
 from sam_train.models import build_sam
-from sam_train.pretrain import pretrain
-from sam_train.train import fit
 
 PRETRAIN_STEPS = 4
 
@@ -126,7 +126,7 @@ def test_export_then_fit_starts_from_mae_weights(pretrained, tmp_path):
 
 
 def test_export_errors_name_the_problem(pretrained, tmp_path):
-    from sam_train.export.mae_to_sam import export_from_config
+    from sam_train.commands.export_mae_to_sam import main as export_from_config
 
     def export(*overrides: str) -> None:
         export_from_config(_compose("export_mae_to_sam", list(overrides)))

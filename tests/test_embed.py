@@ -64,7 +64,7 @@ def test_embed_command_then_decoder_only_fit_never_encodes(tmp_path, monkeypatch
 
     calls = []
     monkeypatch.setattr(ImageEncoderViT, "forward", lambda self, x: calls.append(x.shape) or 1 / 0)
-    from sam_train.train import fit
+    from sam_train.commands.fit import fit
 
     with initialize_config_dir(str(cli.CONFIG_DIR), version_base="1.3"):
         cfg = compose("fit", overrides=[

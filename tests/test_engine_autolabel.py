@@ -128,7 +128,7 @@ def test_autolabel_recovers_known_objects_after_brief_training(tmp_path: Path):
     what training taught, not the filters."""
     from hydra import compose, initialize_config_dir
 
-    from sam_train.engine.loop import train_round
+    from sam_train.commands.engine import train_round
 
     config_dir = Path(__file__).resolve().parent.parent / "sam_train" / "configs"
     with initialize_config_dir(str(config_dir), version_base="1.3"):

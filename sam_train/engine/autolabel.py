@@ -251,28 +251,4 @@ def autolabel(
     return report
 
 
-def load_model(model_cfg: Any, device: str = "cpu") -> Sam:
-    """Instantiate the `model` config group (with its checkpoint) on `device`, in eval mode."""
-    from hydra.utils import instantiate
-
-    return instantiate(model_cfg).to(device).eval()
-
-
-def autolabel_from_config(cfg: Any) -> AutolabelReport:
-    """Entry point of `sam-train autolabel` (configs/autolabel.yaml)."""
-    from hydra.utils import instantiate
-
-    torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, cfg.device)
-    labeler = AutoLabeler(model, **cfg.generator, existing=cfg.existing)
-    source = instantiate(cfg.source) if not isinstance(cfg.source, str) else cfg.source
-    report = autolabel(labeler, source, cfg.out_dir, image_format=cfg.image_format,
-                       max_samples_per_shard=cfg.shard_size)
-    text = report.format()
-    print(text)
-    log.info("wrote %s and %s", ", ".join(report.shards), Path(cfg.out_dir) / "stats.json")
-    return report
-
-
-__all__ = ["AutoLabeler", "AutolabelReport", "ImageLabels", "autolabel", "autolabel_from_config", "iter_images",
-           "load_model"]
+__all__ = ["AutoLabeler", "AutolabelReport", "ImageLabels", "autolabel", "iter_images"]

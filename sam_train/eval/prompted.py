@@ -84,7 +84,11 @@ def predict_objects(
         best = iou[:, 1:].argmax(1) + 1
     else:
         best = torch.zeros(len(iou), dtype=torch.long, device=iou.device)
-    logits = low_res[torch.arange(len(best)), best][:, None]
+    return upsample_logits(model, low_res[torch.arange(len(best)), best][:, None])
+
+
+def upsample_logits(model: Sam, logits: torch.Tensor) -> torch.Tensor:
+    """Low-res logits [M, 1, h, w] -> masks bool [M, S, S] at the model-input resolution."""
     s = model.img_size
     return F.interpolate(logits, (s, s), mode="bilinear", align_corners=False)[:, 0] > model.mask_threshold
 
@@ -115,8 +119,18 @@ class PromptedEvaluator:
         self.acc = {m: OverlapAccumulator() for m in self.modes}
 
     @torch.no_grad()
-    def update(self, model: Sam, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Score one batch (on the model's device); returns each mode's masks bool [M, S, S] (padding cleared)."""
+    def update(
+        self,
+        model: Sam,
+        batch: dict[str, Any],
+        *,
+        boxes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        box_logits: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Score one batch (on the model's device); returns each mode's masks bool [M, S, S] (padding cleared).
+
+        boxes / box_logits: the batch's `box_prompts` and their decoded single-mask logits [M, 1, h, w] when
+        the caller has them already (the evaluation decodes box prompts once per batch)."""
         gt = batch["masks"]
         if gt.shape[0] == 0:
             return {m: gt for m in self.modes}
@@ -124,10 +138,12 @@ class PromptedEvaluator:
         ids = batch["image_ids"].tolist()
         cases = [str(batch["meta"][i].get("case_id", batch["ids"][i])) for i in ids]
         classes = batch["class_ids"].tolist()
-        coords, labels, boxes = box_prompts(gt)
+        coords, labels, boxes = box_prompts(gt) if boxes is None else boxes
         preds = {}
         for mode in self.modes:
-            if mode == "box":
+            if mode == "box" and box_logits is not None:
+                pred = upsample_logits(model, box_logits)
+            elif mode == "box":
                 pred = predict_objects(model, batch, coords, labels, multimask=False)
             elif mode == "point":
                 pred = predict_objects(model, batch, *center_point_prompts(gt), multimask=True)
