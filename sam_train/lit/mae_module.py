@@ -14,9 +14,9 @@ import torch
 from torchvision.utils import make_grid
 
 from sam_train.data.image_only import IMAGENET_MEAN, IMAGENET_STD
-from sam_train.lit.sam_module import seed_global_rngs, step_seed
 from sam_train.models.mae import MaskedAutoencoderViT
 from sam_train.optim.schedules import warmup_cosine_schedule
+from sam_train.seeding import derive_seed, seed_global_rngs
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +115,12 @@ class MaeModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:  # drop path: exact after a resume
-        seed_global_rngs(step_seed(self.seed, self.global_rank, 2, self.global_step, batch_idx))
+        seed_global_rngs(derive_seed(self.seed, self.global_rank, 2, self.global_step, batch_idx))
 
     def training_step(self, batch: torch.Tensor | Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         imgs = batch if isinstance(batch, torch.Tensor) else batch[0]  # (images, labels) from class folders
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(step_seed(self.seed, self.global_rank, self.global_step, batch_idx))
+        gen.manual_seed(derive_seed(self.seed, self.global_rank, self.global_step, batch_idx))
         loss, pred, mask = self.model(imgs, generator=gen)
         self.log("train/loss", loss, prog_bar=True, batch_size=imgs.shape[0])
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=imgs.shape[0])
