@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,12 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from sam_train.data.datamodule import SamDataModule
 from sam_train.data.rle import decode_compressed_rles
 from sam_train.data.sample import META_KEYS, DataError
+from sam_train.io import atomic_save_safetensors
 
 FORMAT = "sam_train.embeddings/1"
 SHARD_GLOB = "embeddings-*.safetensors"
@@ -95,14 +94,7 @@ def write_embedding_shard(
         "ids": json.dumps([str(s["id"]) for s in samples]),
         "meta": json.dumps(meta),
     }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # safetensors creates 0600 files; shards are data, readable like any other
-    tmp.replace(path)
-    return path
+    return atomic_save_safetensors(tensors, path, metadata=metadata)
 
 
 class _Shard:

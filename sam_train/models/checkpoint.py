@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import pickle
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +26,7 @@ import torch
 from torch import nn
 
 from sam_train.errors import SamTrainError
+from sam_train.io import atomic_save_safetensors, atomic_torch_save
 
 PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 HF_MARKERS = ("vision_encoder.", "shared_image_embedding.")
@@ -408,18 +407,7 @@ def save_sam_checkpoint(model_or_state_dict: nn.Module | Mapping[str, torch.Tens
         )
     # safetensors refuses views sharing storage; contiguous CPU copies are what both formats want.
     sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.suffix == SAFETENSORS_SUFFIX:
-            from safetensors.torch import save_file
-
-            save_file(sd, tmp, metadata={"format": "pt", "layout": "segment_anything"})
-        else:
-            torch.save(sd, tmp)
-        os.replace(tmp, path)  # atomic on POSIX: readers never see a half-written checkpoint
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # atomic: readers never see a half-written checkpoint
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return atomic_save_safetensors(sd, path, metadata={"format": "pt", "layout": "segment_anything"})
+    return atomic_torch_save(sd, path)
