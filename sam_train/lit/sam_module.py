@@ -90,19 +90,13 @@ class SamModule(pl.LightningModule):
         self.val_dice = nn.ModuleList(MeanMetric() for _ in self.report_iterations)
 
     # ------------------------------------------------------------------ helpers
-    def image_embeddings(self, batch: dict[str, Any]) -> torch.Tensor:
-        """[B, C, h, w]: cached embeddings when the batch carries them, else encode the images."""
-        if "embeddings" in batch:
-            return batch["embeddings"]
-        return self.model.encode(self.model.preprocess(batch["images"]))
-
     def generator(self, *parts: int) -> torch.Generator:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(derive_seed(self.seed, self.global_rank, *parts))
         return gen
 
     def run_prompts(self, batch: dict[str, Any], cfg: PromptSimulationConfig, gen: torch.Generator):
-        embeddings = self.image_embeddings(batch)
+        embeddings = self.model.batch_embeddings(batch)
         num_objects = global_num_objects(batch["masks"].shape[0], self.device)
 
         def loss_fn(low_res, iou_pred, gt, multimask):
