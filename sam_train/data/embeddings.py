@@ -25,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pycocotools.mask as mask_utils
 import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 
 from sam_train.data.datamodule import SamDataModule
-from sam_train.data.rle import decode_compressed_rles
+from sam_train.data.rle import decode_compressed_rles, encode_masks
 from sam_train.data.sample import META_KEYS, DataError
 from sam_train.io import atomic_save_safetensors
 
@@ -44,14 +43,6 @@ def storage_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"embedding storage dtype must be one of {tuple(DTYPES)}, got {name!r}")
     return DTYPES[name]
-
-
-def encode_masks_rle(masks: torch.Tensor) -> list[bytes]:
-    """bool [N, S, S] -> N compressed COCO RLE counts strings (pycocotools, one call for all masks)."""
-    if masks.shape[0] == 0:
-        return []
-    array = np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8))  # [S, S, N], Fortran order
-    return [rle["counts"] for rle in mask_utils.encode(array)]
 
 
 def write_embedding_shard(
@@ -74,7 +65,7 @@ def write_embedding_shard(
     for s in samples:
         if tuple(s["masks"].shape[-2:]) != (img_size, img_size):
             raise ValueError(f"{s['source']} ({s['id']}): masks must be [N, {img_size}, {img_size}] (use SamTransform)")
-        strings += encode_masks_rle(s["masks"])
+        strings += [rle["counts"].encode("ascii") for rle in encode_masks(s["masks"])]
         counts.append(s["masks"].shape[0])
     lengths = torch.tensor([len(b) for b in strings], dtype=torch.int64)
     tensors = {
