@@ -23,7 +23,7 @@ from sam_train.callbacks import (
     preemption,
 )
 from sam_train.data.datamodule import SamDataModule
-from sam_train.data.synthetic import ToyShapesDataset
+from sam_train.data.toy_shapes import ToyShapesDataset
 from sam_train.data.transforms import SamTransform
 from sam_train.train import build_plugins
 
