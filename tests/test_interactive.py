@@ -7,10 +7,10 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from prompt_reference import per_object_reference
 
 from sam_train.losses import SamLossConfig, sam_loss
 from sam_train.prompts.interactive import PromptSimulationConfig, simulate
-from sam_train.prompts.reference import per_object_reference
 
 S = 256  # vit_t input size; low-res logits are 64 x 64
 

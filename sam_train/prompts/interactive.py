@@ -9,7 +9,8 @@ so the batch never changes an object's result): point objects send their clicks 
 point; box objects send their corrective clicks then the two box corners (labels 2 and 3). Both
 have (number of prompts so far + 1) tokens, so one [M, K] tensor holds the whole batch.
 
-Random stream contract (replayed by `sam_train.prompts.reference`), all from `generator`:
+Random stream contract (replayed by the tests' per-object oracle, tests/prompt_reference.py), all from
+`generator`:
 1. the schedule (`iteration_schedule`: one randperm when mask-only iterations are random);
 2. `rand(M, float64)` -> box or point per object (box where u < box_probability);
 3. `rand(M, float64)` -> the first click of every object (used by point objects);
