@@ -23,6 +23,8 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     if masks.dim() != 3:
         raise ValueError(f"masks must be [M, H, W], got shape {tuple(masks.shape)}")
     masks = masks.bool()
+    if masks.shape[0] == 0:
+        return torch.zeros(0, 4, device=masks.device)
     rows, cols = masks.any(dim=-1), masks.any(dim=-2)  # [M, H], [M, W]
 
     def first_last(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
