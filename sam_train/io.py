@@ -1,4 +1,6 @@
-"""Atomic file writes: a temp file in the target's directory, fsync'ed, then renamed over the target.
+"""File helpers: atomic writes, and file names made from ids.
+
+Atomic file writes: a temp file in the target's directory, fsync'ed, then renamed over the target.
 
 `atomic_write(path, write)` is the one implementation: `write(f)` fills `<path>.tmp`, which is flushed and
 fsync'ed, `os.replace`d over `path` (atomic on POSIX) and the directory entry fsync'ed. A kill at any
@@ -12,6 +14,7 @@ Reading checkpoints safely (`torch.load(weights_only=True)` with diagnostics) is
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -69,3 +72,10 @@ def atomic_save_safetensors(
     from safetensors.torch import save
 
     return atomic_write(path, lambda f: f.write(save(tensors, metadata=metadata)))
+
+
+def safe_file_name(text: str, default: str = "case") -> str:
+    """A file name (no directory parts) from an id such as 'case_001/slice_3': every run of characters
+    other than letters, digits, '.', '_' and '-' becomes '__'; leading / trailing '_' are dropped;
+    `default` when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "__", text).strip("_") or default
