@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sam_train.data.demo import prepare_mni_subcortical
 from sam_train.data.medical import MedicalSliceDataset
+from sam_train.data.mni import prepare_mni_subcortical
 from sam_train.eval.objects import box_then_clicks
 from sam_train.models import build_sam
 from sam_train.models.checkpoint import load_sam_weights

@@ -66,7 +66,7 @@ def test_recipe_composes(recipe):
 
 @pytest.fixture(scope="module")
 def msd_root(tmp_path_factory) -> Path:
-    from sam_train.data.demo import prepare_mni_demo
+    from sam_train.data.mni import prepare_mni_demo
 
     return prepare_mni_demo(tmp_path_factory.mktemp("msd") / "mni", n_cases=4, zoom=0.25)
 

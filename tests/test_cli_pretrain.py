@@ -68,7 +68,7 @@ def test_pretrain_writes_checkpoint_and_loss(pretrained):
 
 
 def test_pretrain_images_are_the_train_cases_only(pretrained):
-    from sam_train.data.synthetic import mni_demo_slices
+    from sam_train.data.mni import mni_demo_slices
 
     pngs = sorted(p.stem for p in (pretrained / "data" / "mni_demo_images" / "train").glob("*.png"))
     kw = dict(root=pretrained / "data" / "mni_demo", val_fraction=0.34, split_seed=0)

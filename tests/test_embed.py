@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from sam_train import cli
 from sam_train.data.embeddings import EmbeddingDataModule, EmbeddingDataset, collate_embeddings
 from sam_train.data.sample import DataError, collate_sam
-from sam_train.data.synthetic import ToyShapesDataset
+from sam_train.data.toy_shapes import ToyShapesDataset
 from sam_train.data.transforms import SamTransform
 from sam_train.embed import embed_dataset
 from sam_train.models.image_encoder import ImageEncoderViT

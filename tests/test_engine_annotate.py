@@ -12,8 +12,8 @@ import torch
 from pycocotools import mask as mask_utils
 
 from sam_train.data.coco import CocoDataset
-from sam_train.data.demo import make_toy_shapes
 from sam_train.data.image_io import encode_image
+from sam_train.data.toy_shapes import make_toy_shapes
 from sam_train.engine.annotate import AnnotationServer, AnnotationSession, decode_uncompressed, uncompressed_rle
 from sam_train.inference.predictor import SamPredictor
 from sam_train.models import build_sam

@@ -11,8 +11,8 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from sam_train.data.demo import make_toy_shapes
 from sam_train.data.image_io import encode_image
+from sam_train.data.toy_shapes import make_toy_shapes
 from sam_train.data.webdataset import ShardDataset, write_shards
 from sam_train.engine.autolabel import AutoLabeler, autolabel, iter_images
 from sam_train.engine.merge import match_scores, to_rles
@@ -100,7 +100,7 @@ def test_semi_automatic_on_shards_keeps_existing_masks(model, tmp_path: Path):
 
 
 def test_iter_images_of_a_dataset_yields_each_sample_once():
-    from sam_train.data.synthetic import ToyShapesDataset
+    from sam_train.data.toy_shapes import ToyShapesDataset
 
     assert [x["id"] for x in iter_images(ToyShapesDataset(n=3))] == ["toy_00000", "toy_00001", "toy_00002"]
 

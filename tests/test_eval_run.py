@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 
 from sam_train.commands.eval import evaluate_after_fit, load_eval_model
 from sam_train.data.datamodule import SamDataModule
-from sam_train.data.demo import prepare_mni_demo
 from sam_train.data.medical import MedicalSliceDataset
-from sam_train.data.synthetic import ToyShapesDataset
+from sam_train.data.mni import prepare_mni_demo
+from sam_train.data.toy_shapes import ToyShapesDataset
 from sam_train.data.transforms import SamTransform
 from sam_train.eval.loop import run_evaluation
 from sam_train.eval.saving import load_label_volume, read_geometry

@@ -15,8 +15,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sam_train.cli import CONFIG_DIR
-from sam_train.data.demo import SUBCORTICAL, prepare_mni_subcortical
 from sam_train.data.medical import MedicalSliceDataset
+from sam_train.data.mni import SUBCORTICAL, prepare_mni_subcortical
 from sam_train.data.sample import DataError
 from sam_train.eval.objects import ObjectScores, box_then_clicks, format_object_table
 from sam_train.wall_clock import WallClockBudget, parse_duration

@@ -24,7 +24,7 @@ from sam_train.callbacks import (
 )
 from sam_train.commands.build import build_plugins
 from sam_train.data.datamodule import SamDataModule
-from sam_train.data.synthetic import ToyShapesDataset
+from sam_train.data.toy_shapes import ToyShapesDataset
 from sam_train.data.transforms import SamTransform
 
 

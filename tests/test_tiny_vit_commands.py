@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from sam_train.data.demo import make_toy_shapes
 from sam_train.data.image_io import encode_image
+from sam_train.data.toy_shapes import make_toy_shapes
 from sam_train.models import build_sam
 from sam_train.models.checkpoint import load_state_dict_any
 

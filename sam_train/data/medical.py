@@ -246,28 +246,88 @@ class MedicalSliceDataset(SampleDataset):
         )
 
 
+def label_dtype(labels: np.ndarray, where: str) -> np.dtype:
+    """The smallest unsigned dtype (uint8 / uint16 / uint32) that holds integer labels >= 0."""
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise ValueError(f"{where}: labels must be an integer array, got dtype {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"{where}: labels must be >= 0, got minimum {labels.min()}")
+    high = int(labels.max()) if labels.size else 0
+    return np.dtype(np.uint8 if high < 256 else np.uint16 if high < 65536 else np.uint32)
+
+
+def masks_to_label_map(
+    masks: np.ndarray | torch.Tensor, class_ids: Sequence[int] | torch.Tensor, scores: Sequence[float] | None = None
+) -> np.ndarray:
+    """Per-object masks -> one label map. masks: bool [N, H, W]; class_ids: [N] (label value of each,
+    >= 1). Where masks overlap the higher-scoring object wins (or the later one when no scores)."""
+    masks = masks.cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+    ids = np.asarray(torch.as_tensor(class_ids).cpu()).astype(np.int64)
+    if masks.ndim != 3 or masks.dtype != bool or len(ids) != len(masks):
+        raise ValueError(f"need bool masks [N, H, W] and N class ids, got {masks.dtype}{masks.shape} and {len(ids)}")
+    if len(ids) and ids.min() < 1:
+        raise ValueError(f"class ids must be >= 1 (0 is background), got {ids.tolist()}")
+    order = np.argsort(np.asarray(scores), kind="stable") if scores is not None else np.arange(len(masks))
+    out = np.zeros(masks.shape[1:], dtype=label_dtype(ids, "class_ids"))
+    for i in order:  # ascending: the best-scoring object is painted last
+        out[masks[i]] = ids[i]
+    return out
+
+
+def assemble_volume(
+    slices: Iterable[tuple[int, np.ndarray | torch.Tensor]], *, axis: int, shape: Sequence[int]
+) -> np.ndarray:
+    """Stack per-slice 2D label maps into a case volume.
+
+    Args:
+        slices: (slice_index, label map [h, w]) pairs, in any order (from samples' `slice_index`).
+        axis: the volume axis the slices were cut along (the samples' `axis`).
+        shape: the volume's array shape; slices not given stay background (0).
+    Returns:
+        int array of `shape`.
+    """
+    shape = tuple(int(s) for s in shape)
+    if not 0 <= axis < len(shape):
+        raise ValueError(f"axis {axis} out of range for volume shape {shape}")
+    plane = shape[:axis] + shape[axis + 1 :]
+    volume: np.ndarray | None = None
+    seen: set[int] = set()
+    for index, labels in slices:
+        labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        if labels.shape != plane:
+            raise ValueError(f"slice {index}: expected a label map of shape {plane}, got {labels.shape}")
+        if not 0 <= index < shape[axis]:
+            raise ValueError(f"slice index {index} out of range [0, {shape[axis]}) along axis {axis}")
+        if index in seen:
+            raise ValueError(f"slice {index} given twice")
+        seen.add(index)
+        if volume is None:
+            volume = np.zeros(shape, dtype=np.result_type(labels.dtype, np.uint8))
+        volume[(slice(None),) * axis + (index,)] = labels
+    return volume if volume is not None else np.zeros(shape, dtype=np.uint8)
+
+
 def reassemble_volume(
     slices: Iterable[Mapping[str, Any]], *, shape: Sequence[int], axis: int | None = None
 ) -> np.ndarray:
     """Per-slice samples or predictions of ONE case -> int64 label volume of `shape` (zeros elsewhere).
 
     Each item needs `slice_index`, `masks` bool [N, H, W] at the original slice size and `class_ids` [N]
-    (a mask whose class is -1 gets its 1-based position). Later masks overwrite earlier ones.
+    (a mask whose class is -1 gets its 1-based position). Later masks overwrite earlier ones
+    (`masks_to_label_map`, then `assemble_volume`).
     """
-    volume = np.zeros(tuple(shape), np.int64)
-    for item in slices:
-        a = item.get("axis", axis) if axis is None else axis
-        if a is None:
-            raise ValueError("reassemble_volume: pass axis= or give each slice an 'axis'")
-        masks = np.asarray(item["masks"].numpy() if isinstance(item["masks"], torch.Tensor) else item["masks"])
+    items = list(slices)
+    axes = {item.get("axis") if axis is None else axis for item in items}
+    if None in axes or len(axes) > 1:
+        raise ValueError("reassemble_volume: pass axis= or give each slice the same 'axis'")
+    maps = []
+    for item in items:
+        masks = torch.as_tensor(item["masks"]).bool()
         class_ids = item.get("class_ids")
-        class_ids = np.full(len(masks), -1) if class_ids is None else np.asarray(class_ids)
-        target = np.moveaxis(volume, a, 0)[int(item["slice_index"])]  # a view into `volume`
-        if masks.shape[1:] != target.shape:
-            raise ValueError(f"slice {item['slice_index']}: masks {masks.shape[1:]} != volume slice {target.shape}")
-        for k, (mask, c) in enumerate(zip(masks, class_ids, strict=True)):
-            target[mask] = c if c >= 0 else k + 1
-    return volume
+        ids = torch.full((len(masks),), -1) if class_ids is None else torch.as_tensor(class_ids).long().cpu()
+        ids = torch.where(ids >= 0, ids, torch.arange(1, len(ids) + 1))
+        maps.append((int(item["slice_index"]), masks_to_label_map(masks, ids)))
+    return assemble_volume(maps, axis=axes.pop() if axes else 0, shape=shape).astype(np.int64)
 
 
 def volume_to_image(volume: np.ndarray, reference: sitk.Image, orientation: str | None = None) -> sitk.Image:
