@@ -6,7 +6,7 @@ The flow (every rank, DDP included):
    will never join (Lightning 2.6's Slurm auto-requeue saves its hpc checkpoint inside the handler and
    deadlocks DDP that way, Lightning-AI/pytorch-lightning#21406; its SIGTERM handler broadcasts).
    So this callback *replaces* Lightning's SIGTERM / SIGUSR1 handlers while training, never chains to
-   them, and `sam_train.train.build_trainer` runs Slurm jobs with `SLURMEnvironment(auto_requeue=False)`.
+   them, and `sam_train.commands.build.build_trainer` runs Slurm jobs with `SLURMEnvironment(auto_requeue=False)`.
 2. At the end of every training batch the ranks agree on the flags: one tiny all-reduce (max), so a
    signal seen by any rank stops all of them at the same step. (A single process also checks after
    every validation batch; in DDP a signal during validation is handled after it, at the next step.)
