@@ -86,8 +86,7 @@ class Evaluation:
         """One collated val batch (its `embeddings` when the caller encoded it already)."""
         model = self.model
         batch = to_device(batch, model.device)
-        if "embeddings" not in batch:
-            batch["embeddings"] = model.encode(model.preprocess(batch["images"]))
+        batch["embeddings"] = model.batch_embeddings(batch)  # the caller's, or encoded here once
         shared = EvalBatch(model, batch, self.num_images, run_dir)
         self.num_images += shared.num_images
         self.num_objects += shared.num_objects

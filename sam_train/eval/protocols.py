@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from sam_train.eval.clicks import click_protocol, number_of_clicks, plot_iou_curve, sam_med2d_protocol
 from sam_train.eval.config import (
@@ -59,18 +58,15 @@ def click_predict_fn(model: Sam, embeddings: torch.Tensor, image_ids: torch.Tens
     a previous mask, the single-mask token. A padding point is appended when there is no box, as the
     official predictor does.
     """
-    s, dev = model.img_size, embeddings.device
+    dev = embeddings.device
 
     def predict(points: torch.Tensor, labels: torch.Tensor, prev: torch.Tensor | None):
         pts, lab = points.to(dev), labels.to(dev)
         if not (lab >= 2).any():
             pts = torch.cat([pts, torch.zeros_like(pts[:, :1])], dim=1)
             lab = torch.cat([lab, torch.full_like(lab[:, :1], -1)], dim=1)
-        low, iou = model.decode(embeddings, image_ids, pts, lab, mask_inputs=prev)
         single_click = points.shape[1] == 1 and prev is None and not (labels >= 2).any()
-        best = iou[:, 1:].argmax(1) + 1 if single_click else torch.zeros(len(iou), dtype=torch.long, device=dev)
-        chosen = low[torch.arange(len(best), device=dev), best][:, None]
-        logits = F.interpolate(chosen, (s, s), mode="bilinear", align_corners=False)[:, 0]
+        chosen, logits = model.predict_masks(embeddings, image_ids, pts, lab, multimask=single_click, mask_inputs=prev)
         return logits.masked_fill(~valid, -1e4).cpu(), chosen
 
     return predict
