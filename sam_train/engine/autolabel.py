@@ -22,8 +22,9 @@ import torch
 from tqdm import tqdm
 
 from sam_train.data.image_io import IMAGE_SUFFIXES, read_image
+from sam_train.data.rle import encode_masks
 from sam_train.data.sample import DataError
-from sam_train.engine.merge import Rle, dedup, match_scores, merge_proposals, to_rles
+from sam_train.engine.merge import Rle, dedup, match_scores, merge_proposals
 from sam_train.engine.shards import labelled_record, write_records
 from sam_train.inference.amg import AutomaticMaskGenerator
 from sam_train.models.sam import Sam
@@ -134,7 +135,7 @@ class AutoLabeler:
             for r in records
         ]
         known = item.get("masks")
-        known_rles = to_rles(known) if known is not None and len(known) else []
+        known_rles = encode_masks(known) if known is not None and len(known) else []
         if self.existing == "evaluate":
             scores = match_scores(rles, known_rles) if known is not None else None
             return ImageLabels(rles, extras, 0, n_generated, scores)
