@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from sam_train.data.label_maps import masks_to_label_map
 from sam_train.eval.clicks import click_protocol, number_of_clicks, plot_iou_curve, sam_med2d_protocol
 from sam_train.eval.config import (
     AttackConfig,
@@ -34,7 +35,7 @@ from sam_train.eval.overlays import _file_name as file_name
 from sam_train.eval.overlays import save_overlays
 from sam_train.eval.prompted import PromptedEvaluator, box_prompts, valid_region
 from sam_train.eval.report import format_table
-from sam_train.eval.saving import masks_to_label_map, save_coco_rle, save_png_labels
+from sam_train.eval.saving import save_coco_rle, save_png_labels
 from sam_train.eval.volumes import VolumeCollector
 from sam_train.models.sam import Sam
 
