@@ -11,13 +11,12 @@ neck has its own norms). Windowed blocks reuse the global-attention weights unch
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from sam_train.models.checkpoint import CheckpointError, read_checkpoint_file, save_sam_checkpoint
+from sam_train.models.checkpoint import CheckpointError, read_checkpoint_file, save_sam_checkpoint, strip_wrapper_names
 from sam_train.models.mae import timm_to_mae_state_dict
 from sam_train.models.pos_embed import interpolate_pos_embed_grid
 from sam_train.models.registry import build_sam
@@ -26,8 +25,7 @@ from sam_train.models.sam import Sam
 log = logging.getLogger(__name__)
 
 _ENCODER_PREFIX = "image_encoder."
-# Lightning (`model.`), DDP / FSDP (`module.`, `_forward_module.`) and torch.compile (`_orig_mod.`) wrappers.
-_WRAPPER_PREFIX = re.compile(r"^(?:model\.|module\.|_forward_module\.|_orig_mod\.)+")
+_LIGHTNING_PREFIX = "model."  # MaeModule's attribute holding the MAE
 
 
 def unwrap_mae_state_dict(obj: object, source: str = "MAE checkpoint") -> dict[str, torch.Tensor]:
@@ -43,7 +41,12 @@ def unwrap_mae_state_dict(obj: object, source: str = "MAE checkpoint") -> dict[s
                 break
     if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{source}: expected a state dict, or a dict with 'model' / 'state_dict'")
-    sd = {_WRAPPER_PREFIX.sub("", str(k)): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    # wrapper names (DDP / FSDP / Fabric / torch.compile: `strip_wrapper_names`), then Lightning's `model.`
+    sd = {
+        strip_wrapper_names(str(k)).removeprefix(_LIGHTNING_PREFIX): v
+        for k, v in obj.items()
+        if isinstance(v, torch.Tensor)
+    }
     sd = timm_to_mae_state_dict(sd)
     for key in ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.qkv.weight"):
         if key not in sd:
