@@ -31,12 +31,12 @@ from sam_train.eval.config import (
 )
 from sam_train.eval.metrics import summarize
 from sam_train.eval.objects import ObjectScores, box_then_clicks, format_object_table
-from sam_train.eval.overlays import _file_name as file_name
 from sam_train.eval.overlays import save_overlays
 from sam_train.eval.prompted import PromptedEvaluator, box_prompts, valid_region
 from sam_train.eval.report import format_table
 from sam_train.eval.saving import save_coco_rle, save_png_labels
 from sam_train.eval.volumes import VolumeCollector
+from sam_train.io import safe_file_name
 from sam_train.models.sam import Sam
 
 log = logging.getLogger(__name__)
@@ -376,7 +376,7 @@ class SavePredictions(Protocol):
                 continue
             if self.format == "png":
                 instance = masks_to_label_map(pred.masks, torch.arange(1, len(pred.masks) + 1))
-                save_png_labels(instance, batch.run_dir / "predictions" / f"{file_name(pred.image_id)}.png")
+                save_png_labels(instance, batch.run_dir / "predictions" / f"{safe_file_name(pred.image_id)}.png")
             elif self.format == "coco":
                 classes = [int(c) if c >= 0 else 1 for c in pred.class_ids.tolist()]
                 self.coco.append((pred.image_id, pred.masks, classes))
