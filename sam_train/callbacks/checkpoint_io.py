@@ -4,6 +4,9 @@ Writing: `sam_train.io.atomic_torch_save` (`<path>.tmp`, fsync, `os.replace` ove
 fsync): a kill at any moment leaves either the previous file or the new one, never a truncated file
 under the real name.
 
+`checkpoint_dir(trainer)` is the folder the callbacks that save (last.ckpt at epoch end, preemption,
+non-finite stops) write into.
+
 Reading: always `torch.load(weights_only=True)`. Our own checkpoints hold only tensors and plain
 containers (SamModule does not pickle its config objects); a file that needs arbitrary code to unpickle
 (a custom class, a function) is refused with a message naming the file and the offending global.
@@ -22,6 +25,15 @@ from sam_train.io import atomic_torch_save
 from sam_train.models.checkpoint import read_checkpoint_file
 
 log = logging.getLogger(__name__)
+
+
+def checkpoint_dir(trainer: Any) -> Path:
+    """Where a Lightning trainer's checkpoints go: its ModelCheckpoint's dirpath, else
+    `<default_root_dir>/checkpoints` (Lightning's own default layout)."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and getattr(callback, "dirpath", None):
+        return Path(callback.dirpath)
+    return Path(trainer.default_root_dir) / "checkpoints"
 
 
 def load_weights_only(path: str | Path, map_location: Any = "cpu") -> Any:

@@ -31,13 +31,14 @@ import os
 import re
 import signal
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from sam_train.callbacks.checkpoint_io import checkpoint_dir
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ class PreemptionCheckpoint(pl.Callback):
             self._exit_if_preempted()
 
     def _save(self, trainer: pl.Trainer) -> str:
-        path = self._checkpoint_dir(trainer) / self.filename
+        path = checkpoint_dir(trainer) / self.filename
         trainer.save_checkpoint(path, weights_only=False)  # every rank: rank 0 writes (atomically), then a barrier
         name = signal.Signals(self.received).name if self.received is not None else "SIGTERM"
         message = (
@@ -243,9 +244,3 @@ class PreemptionCheckpoint(pl.Callback):
         )
         log.warning(message)
         return message
-
-    def _checkpoint_dir(self, trainer: pl.Trainer) -> Path:
-        callback = trainer.checkpoint_callback
-        if callback is not None and getattr(callback, "dirpath", None):
-            return Path(callback.dirpath)
-        return Path(trainer.default_root_dir) / "checkpoints"
