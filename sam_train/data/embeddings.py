@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from sam_train.data.datamodule import SamDataModule
 from sam_train.data.rle import decode_compressed_rles, encode_masks
-from sam_train.data.sample import META_KEYS, DataError
+from sam_train.data.sample import META_KEYS, DataError, collate_objects
 from sam_train.io import atomic_save_safetensors
 
 FORMAT = "sam_train.embeddings/1"
@@ -247,17 +247,7 @@ def collate_embeddings(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     shapes = {tuple(s["embedding"].shape) for s in samples}
     if len(shapes) != 1:
         raise DataError(f"collate_embeddings: embeddings of one batch must share a shape, got {sorted(shapes)}")
-    counts = torch.tensor([s["masks"].shape[0] for s in samples], dtype=torch.int64)
-    return {
-        "embeddings": torch.stack([s["embedding"] for s in samples]),
-        "masks": torch.cat([s["masks"] for s in samples]),
-        "image_ids": torch.repeat_interleave(torch.arange(len(samples)), counts),
-        "input_sizes": torch.tensor([list(s["input_size"]) for s in samples], dtype=torch.int64),
-        "original_sizes": torch.tensor([list(s["original_size"]) for s in samples], dtype=torch.int64),
-        "class_ids": torch.cat([s["class_ids"] for s in samples]),
-        "ids": [s["id"] for s in samples],
-        "meta": [{k: s[k] for k in META_KEYS if k in s} for s in samples],
-    }
+    return {"embeddings": torch.stack([s["embedding"] for s in samples]), **collate_objects(samples)}
 
 
 class EmbeddingDataModule(SamDataModule):

@@ -95,17 +95,11 @@ def validate_sample(sample: Mapping[str, Any]) -> None:
         )
 
 
-def collate_sam(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Transformed samples (all images [3, S, S]) -> batch dict (docs/architecture.md, batch format).
-
-    images uint8 [B,3,S,S]; masks bool [M,S,S] (all objects concatenated); image_ids int64 [M];
-    input_sizes / original_sizes int64 [B,2]; class_ids int64 [M]; ids list[str]; meta list[dict].
-    """
-    if not samples:
-        raise ValueError("collate_sam got an empty list of samples")
-    sizes = {tuple(s["image"].shape) for s in samples}
-    if len(sizes) != 1:
-        raise DataError(f"collate_sam: images of one batch must share a size (use SamTransform), got {sorted(sizes)}")
+def collate_objects(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The per-object part of a batch (docs/architecture.md, batch format), shared by `collate_sam` and the
+    decoder-only `collate_embeddings`: masks bool [M,S,S] (all objects concatenated); image_ids int64 [M];
+    input_sizes / original_sizes int64 [B,2] (default: the image's size); class_ids int64 [M] (-1 where a
+    sample has none); ids list[str]; meta list[dict]."""
     masks = [s["masks"] for s in samples]
     counts = torch.tensor([m.shape[0] for m in masks], dtype=torch.int64)
     class_ids = [
@@ -117,7 +111,6 @@ def collate_sam(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return tuple(s[key]) if key in s else tuple(s["image"].shape[1:])  # type: ignore[return-value]
 
     return {
-        "images": torch.stack([s["image"] for s in samples]),
         "masks": torch.cat(masks),
         "image_ids": torch.repeat_interleave(torch.arange(len(samples)), counts),
         "input_sizes": torch.tensor([size_of(s, "input_size") for s in samples], dtype=torch.int64),
@@ -126,6 +119,19 @@ def collate_sam(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "ids": [s["id"] for s in samples],
         "meta": [{k: s[k] for k in META_KEYS if k in s} for s in samples],
     }
+
+
+def collate_sam(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Transformed samples (all images [3, S, S]) -> batch dict (docs/architecture.md, batch format).
+
+    images uint8 [B,3,S,S], then the objects (`collate_objects`).
+    """
+    if not samples:
+        raise ValueError("collate_sam got an empty list of samples")
+    sizes = {tuple(s["image"].shape) for s in samples}
+    if len(sizes) != 1:
+        raise DataError(f"collate_sam: images of one batch must share a size (use SamTransform), got {sorted(sizes)}")
+    return {"images": torch.stack([s["image"] for s in samples]), **collate_objects(samples)}
 
 
 class SkipCounter:
