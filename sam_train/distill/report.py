@@ -19,6 +19,7 @@ import torch
 
 from sam_train.eval.config import EvalConfig
 from sam_train.eval.loop import Evaluation
+from sam_train.eval.metrics import dice
 from sam_train.eval.prompted import box_prompts, predict_objects, to_device, valid_region
 from sam_train.models.sam import Sam
 
@@ -28,13 +29,6 @@ log = logging.getLogger(__name__)
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def mask_dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[M, ...] bool masks -> [M] Dice of a against b (1 where both are empty)."""
-    inter = (a & b).flatten(1).sum(1).float()
-    total = a.flatten(1).sum(1).float() + b.flatten(1).sum(1).float()
-    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
 
 
 @torch.no_grad()
@@ -91,7 +85,7 @@ def compare_on_held_out(
             sq_err[name] += float((embeddings[name].float() - ref.float()).pow(2).sum())
             if ref_pred is not None:
                 pred = predict_objects(models[name], {**batch, "embeddings": embeddings[name]}, coords, labels, False)
-                agree[name].append(mask_dice(pred & valid, ref_pred & valid).cpu())
+                agree[name].append(dice(pred & valid, ref_pred & valid))
         for name, evaluation in evals.items():
             evaluation.update({**batch, "embeddings": embeddings[name]}, out_dir / name)
     skip = warmup_batches if len(sizes) > warmup_batches else 0
