@@ -16,6 +16,7 @@ from sam_train.models.resize import (
     resize_masks,
     resize_masks_longest_side,
 )
+from sam_train.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class SamTransform:
         info = torch.utils.data.get_worker_info()
         key = None if info is None else (info.id, info.seed)
         if self._generator is None or key != self._generator_key:
-            seed = self.seed if info is None else hash((self.seed, info.seed)) % (2**63)
+            seed = self.seed if info is None else derive_seed(self.seed, info.seed)
             self._generator = torch.Generator().manual_seed(seed)
             self._generator_key = key
         return self._generator
