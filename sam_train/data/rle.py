@@ -156,7 +156,13 @@ def rle_bytes(rle: dict[str, Any]) -> dict[str, Any]:
     return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
-def mask_bbox_area(mask: np.ndarray) -> tuple[list[float], int]:
-    """bool [H, W] -> (COCO bbox [x, y, w, h], area in pixels)."""
-    rle = rle_bytes(encode_mask(mask))
+def decode_rle(rle: dict[str, Any]) -> np.ndarray:
+    """A well-formed compressed RLE (str or bytes counts, e.g. from `encode_masks`) -> bool [H, W].
+    Unchecked: RLEs read from files go through `decode_segmentation`, which validates them first."""
+    return mask_utils.decode(rle_bytes(rle)).astype(bool)
+
+
+def rle_bbox_area(rle: dict[str, Any]) -> tuple[list[float], int]:
+    """Compressed RLE -> (COCO bbox [x, y, w, h], area in pixels)."""
+    rle = rle_bytes(rle)
     return [float(v) for v in mask_utils.toBbox(rle)], int(mask_utils.area(rle))

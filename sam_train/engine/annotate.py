@@ -31,7 +31,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from sam_train.data.image_io import IMAGE_SUFFIXES, encode_image, read_image
-from sam_train.data.rle import rle_bytes
+from sam_train.data.rle import decode_rle, rle_bbox_area
 from sam_train.data.sample import DataError
 from sam_train.inference.predictor import SamPredictor
 from sam_train.io import atomic_write, safe_file_name
@@ -158,7 +158,7 @@ class AnnotationSession:
     def annotations(self, index: int) -> list[dict[str, Any]]:
         """Accepted masks of an image as uncompressed RLE (what the page draws)."""
         h, w = (int(s) for s in self.image(index).shape[1:])
-        return [{"size": [h, w], "counts": uncompressed_rle(mask_utils.decode(rle_bytes(r)).astype(bool))}
+        return [{"size": [h, w], "counts": uncompressed_rle(decode_rle(r))}
                 for r in self.accepted[index]]
 
     def coco(self) -> dict[str, Any]:
@@ -169,10 +169,9 @@ class AnnotationSession:
             h, w = (int(s) for s in self.image(i).shape[1:])
             images.append({"id": i + 1, "file_name": str(f.relative_to(self.image_dir)), "height": h, "width": w})
             for rle in self.accepted[i]:
-                x, y, bw, bh = (float(v) for v in mask_utils.toBbox(rle_bytes(rle)))
+                bbox, area = rle_bbox_area(rle)
                 annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
-                                    "segmentation": rle, "area": int(mask_utils.area(rle_bytes(rle))),
-                                    "bbox": [x, y, bw, bh]})
+                                    "segmentation": rle, "area": area, "bbox": bbox})
         return {"images": images, "annotations": annotations,
                 "categories": [{"id": 1, "name": "object", "supercategory": "object"}]}
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from sam_train.data.rle import encode_mask, rle_bytes
+from sam_train.data.rle import decode_rle, encode_mask, rle_bytes
 
 Rle = dict[str, Any]
 
@@ -24,7 +24,7 @@ def from_rles(rles: Sequence[Rle], size: tuple[int, int]) -> torch.Tensor:
     """N RLEs -> bool [N, H, W] (an empty [0, H, W] tensor for no RLEs)."""
     if not rles:
         return torch.zeros(0, *size, dtype=torch.bool)
-    return torch.from_numpy(np.stack([mask_utils.decode(rle_bytes(r)) for r in rles]).astype(bool))
+    return torch.from_numpy(np.stack([decode_rle(r) for r in rles]))
 
 
 def areas(rles: Sequence[Rle]) -> np.ndarray:
@@ -59,7 +59,7 @@ def subtract(rle: Rle, cover: Rle | None) -> Rle:
     """rle minus cover (pixels of `cover` removed), as a str-counts RLE."""
     if cover is None:
         return rle
-    mask = mask_utils.decode(rle_bytes(rle)).astype(bool) & ~mask_utils.decode(rle_bytes(cover)).astype(bool)
+    mask = decode_rle(rle) & ~decode_rle(cover)
     return encode_mask(mask)
 
 

@@ -20,7 +20,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.ops import batched_nms, box_area
 
-from sam_train.data.rle import encode_mask, encode_masks
+from sam_train.data.rle import decode_rle, encode_mask, encode_masks
 from sam_train.inference.predictor import SamPredictor, image_to_tensor
 from sam_train.models.resize import preprocess_shape
 from sam_train.models.sam import Sam
@@ -78,11 +78,6 @@ def box_near_crop_edge(
     near_crop = (boxes - crop).abs() <= atol
     near_image = (boxes - image).abs() <= atol
     return (near_crop & ~near_image).any(dim=-1)
-
-
-def decode_rle(rle: dict[str, Any]) -> np.ndarray:
-    """COCO RLE -> [H, W] bool."""
-    return mask_utils.decode(rle).astype(bool)
 
 
 def remove_small_regions(mask: np.ndarray, min_area: int) -> tuple[np.ndarray, bool]:
