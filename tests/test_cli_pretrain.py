@@ -75,7 +75,7 @@ def test_pretrain_images_are_the_train_cases_only(pretrained):
     train_cases = mni_demo_slices(subset="train", **kw).case_ids
     val_cases = mni_demo_slices(subset="val", **kw).case_ids
     assert pngs and not set(train_cases) & set(val_cases)
-    assert {p.rsplit("_z", 1)[0] for p in pngs} == set(train_cases)
+    assert {p.rsplit("__z", 1)[0] for p in pngs} == set(train_cases)  # io.safe_file_name("<case>/z012")
 
 
 def test_pretrain_resumes_from_last_checkpoint(pretrained, caplog):

@@ -20,6 +20,7 @@ from PIL import Image
 
 from sam_train.data.medical import MedicalSliceDataset
 from sam_train.data.sample import DataError
+from sam_train.io import safe_file_name
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +260,7 @@ def mni_demo_image_folder(
     slices = mni_demo_slices(root=msd_dir, subset=subset, val_fraction=val_fraction, split_seed=split_seed)
     for i in range(len(slices)):
         sample = slices[i]  # image uint8 [3, H, W]
-        name = str(sample["id"]).replace("/", "_")
-        Image.fromarray(sample["image"].permute(1, 2, 0).numpy()).save(out / f"{name}.png")
+        Image.fromarray(sample["image"].permute(1, 2, 0).numpy()).save(out / f"{safe_file_name(str(sample['id']))}.png")
     done.write_text(f"{len(slices)} slices of {msd_dir} ({subset})\n")
     log.info("wrote %d %s slices of the MNI demo to %s", len(slices), subset, out)
     return str(out)
