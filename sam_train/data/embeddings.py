@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from sam_train.data.datamodule import SamDataModule
 from sam_train.data.rle import decode_compressed_rles, encode_masks
-from sam_train.data.sample import META_KEYS, DataError, collate_objects
+from sam_train.data.sample import META_KEYS, DataError, collate_objects, stack_per_image
 from sam_train.io import atomic_save_safetensors
 
 FORMAT = "sam_train.embeddings/1"
@@ -242,12 +242,8 @@ class EmbeddingDataset(torch.utils.data.Dataset):
 def collate_embeddings(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """EmbeddingDataset samples -> decoder-only batch: the `collate_sam` format with `embeddings`
     float [B, C, h, w] in place of `images` (docs/architecture.md)."""
-    if not samples:
-        raise ValueError("collate_embeddings got an empty list of samples")
-    shapes = {tuple(s["embedding"].shape) for s in samples}
-    if len(shapes) != 1:
-        raise DataError(f"collate_embeddings: embeddings of one batch must share a shape, got {sorted(shapes)}")
-    return {"embeddings": torch.stack([s["embedding"] for s in samples]), **collate_objects(samples)}
+    embeddings = stack_per_image(samples, "embedding", "collate_embeddings")
+    return {"embeddings": embeddings, **collate_objects(samples)}
 
 
 class EmbeddingDataModule(SamDataModule):

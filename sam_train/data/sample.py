@@ -121,17 +121,24 @@ def collate_objects(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+def stack_per_image(samples: Sequence[Mapping[str, Any]], key: str, caller: str, hint: str = "") -> torch.Tensor:
+    """`torch.stack` of every sample's `key` (image, embedding), with one-line errors naming `caller` for an
+    empty list and for shapes that differ (`hint` says what makes them equal)."""
+    if not samples:
+        raise ValueError(f"{caller} got an empty list of samples")
+    shapes = {tuple(s[key].shape) for s in samples}
+    if len(shapes) != 1:
+        raise DataError(f"{caller}: the {key}s of one batch must share a shape{hint}, got {sorted(shapes)}")
+    return torch.stack([s[key] for s in samples])
+
+
 def collate_sam(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Transformed samples (all images [3, S, S]) -> batch dict (docs/architecture.md, batch format).
 
     images uint8 [B,3,S,S], then the objects (`collate_objects`).
     """
-    if not samples:
-        raise ValueError("collate_sam got an empty list of samples")
-    sizes = {tuple(s["image"].shape) for s in samples}
-    if len(sizes) != 1:
-        raise DataError(f"collate_sam: images of one batch must share a size (use SamTransform), got {sorted(sizes)}")
-    return {"images": torch.stack([s["image"] for s in samples]), **collate_objects(samples)}
+    images = stack_per_image(samples, "image", "collate_sam", " (use SamTransform)")
+    return {"images": images, **collate_objects(samples)}
 
 
 class SkipCounter:
