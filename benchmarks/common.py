@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sam_train.losses.functional import dice_loss, focal_loss, mask_iou
 from sam_train.losses.sam_loss import SamLossConfig
-from sam_train.models.registry import SamConfig, sam_config
+from sam_train.models.configs import SamConfig, sam_config
 from sam_train.prompts.interactive import PromptSimulationConfig, iteration_schedule
 
 Step = Callable[[], Any]

@@ -21,11 +21,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import warnings
+from pathlib import Path
 
 import torch
 from common import check_ratio, count_flops, describe_device, fmt_bytes, interleaved_seconds, peak_memory, print_table
 
 from sam_train.models import build_sam
+from sam_train.models.checkpoint import read_checkpoint_file
 
 # This CPU (AMD EPYC, Zen 4 class, AVX-512 + bf16): 2 cores x ~3 GHz x 32 fp32 FLOP/cycle (REFERENCE.md).
 CPU_PEAK_GFLOPS = {"fp32": 190.0, "bf16": 380.0}
@@ -42,7 +44,7 @@ def reference_encoder(img_size: int) -> torch.nn.Module:
                   num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
                   drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
                   layer_lr_decay=0.8)
-    sd = torch.load(get_asset_path(), map_location="cpu", weights_only=True)
+    sd = read_checkpoint_file(Path(get_asset_path()))
     enc.load_state_dict({k[len("image_encoder."):]: v for k, v in sd.items() if k.startswith("image_encoder.")})
     if img_size != 256:  # it hard-codes its 64 x 64 output grid
         enc.forward_features = _any_size_forward(enc)

@@ -24,12 +24,12 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from sam_train.cli import CONFIG_DIR
+from sam_train.commands.fit import fit
+from sam_train.commands.pretrain import pretrain
 from sam_train.eval.prompted import evaluate_prompted
 from sam_train.export.mae_to_sam import export_mae_to_sam
 from sam_train.models import build_sam
 from sam_train.models.checkpoint import save_sam_checkpoint
-from sam_train.pretrain import pretrain
-from sam_train.train import fit
 
 
 def _compose(config: str, overrides: list[str]):

@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sam_train.data.demo import prepare_mni_subcortical
 from sam_train.data.medical import MedicalSliceDataset
+from sam_train.data.mni import prepare_mni_subcortical
 from sam_train.eval.objects import box_then_clicks
 from sam_train.models import build_sam
-from sam_train.models.checkpoint import load_sam_weights
+from sam_train.models.checkpoint import load_sam_weights, read_checkpoint_file
 from sam_train.models.resize import resize_longest_side, resize_masks_longest_side
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     tuned = lite_medsam(ckpt)
     reuse = shared if same_encoder(tuned, initial) else None  # the recipe's encoder is frozen: same embeddings
     ours = score(tuned, val, clicks=args.clicks, max_images=max_images, embeddings=reuse)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = read_checkpoint_file(Path(ckpt))
     rows["sam_train"] = {"box_dice": ours["box_dice"], "clicks5_dice": ours["clicks_dice"], "train_s": seconds,
                          "steps": int(state["global_step"])}
 

@@ -1,4 +1,5 @@
-"""`sam-train <command> [key=value ...]`: composes the command's Hydra config and calls the library.
+"""`sam-train <command> [key=value ...]`: composes the command's Hydra config and calls its
+`sam_train.commands.<command>.main(cfg)`, which turns the config into objects and calls the library.
 
 Every command is a Hydra app (configs/<command>.yaml + config groups), so Hydra's flags work after
 the command: `--help`, `--cfg job`, `-m` (multirun, e.g. with hydra/launcher=slurm).
@@ -20,51 +21,54 @@ CONFIG_DIR = Path(os.environ.get("SAM_TRAIN_CONFIG_DIR", Path(__file__).resolve(
 @dataclass(frozen=True)
 class Command:
     config: str  # primary config in configs/
-    target: str  # "module:function" called with the composed config
+    target: str  # "module:function" called with the composed config (sam_train.commands.<command>:main)
     help: str
 
 
 # Add a command here + its configs/<config>.yaml. Two-word names ("export onnx") are sub-commands.
 COMMANDS: dict[str, Command] = {
-    "fit": Command("fit", "sam_train.train:fit", "train / fine-tune SAM (resumes from the run dir's last checkpoint)"),
+    "fit": Command(
+        "fit", "sam_train.commands.fit:main",
+        "train / fine-tune SAM (resumes from the run dir's last checkpoint)",
+    ),
     "pretrain": Command(
-        "pretrain", "sam_train.pretrain:pretrain",
+        "pretrain", "sam_train.commands.pretrain:main",
         "MAE-pretrain a SAM image encoder on images only (folders / shards)",
     ),
     "export mae-to-sam": Command(
-        "export_mae_to_sam", "sam_train.export.mae_to_sam:export_from_config",
+        "export_mae_to_sam", "sam_train.commands.export_mae_to_sam:main",
         "MAE checkpoint -> SAM checkpoint that fit starts from (model.checkpoint=)",
     ),
     "autolabel": Command(
-        "autolabel", "sam_train.engine.autolabel:autolabel_from_config",
+        "autolabel", "sam_train.commands.autolabel:main",
         "automatic masks for images / shards -> SA-1B-style shards + score stats",
     ),
     "annotate": Command(
-        "annotate", "sam_train.engine.annotate:serve_from_config",
+        "annotate", "sam_train.commands.annotate:main",
         "annotation page on localhost: click / box with SAM, accept, save COCO json",
     ),
     "engine": Command(
-        "engine", "sam_train.engine.loop:run_engine",
+        "engine", "sam_train.commands.engine:main",
         "model in the loop: train -> autolabel -> train on the union, N rounds",
     ),
     "convert": Command(
-        "convert", "sam_train.data.convert:convert_from_config",
+        "convert", "sam_train.commands.convert:main",
         "convert COCO / folders / medical volumes to webdataset shards",
     ),
     "eval": Command(
-        "eval", "sam_train.eval.run:evaluate",
+        "eval", "sam_train.commands.eval:main",
         "metrics of a checkpoint on a data set's val split -> <run_dir>/metrics.json",
     ),
     "export onnx": Command(
-        "export_onnx", "sam_train.eval.run:export_onnx",
+        "export_onnx", "sam_train.commands.export_onnx:main",
         "export the prompt encoder + mask decoder to ONNX",
     ),
     "embed": Command(
-        "embed", "sam_train.embed:embed_from_config",
+        "embed", "sam_train.commands.embed:main",
         "encode a data set once: image embeddings + masks for decoder-only training",
     ),
     "distill": Command(
-        "distill", "sam_train.distill.run:distill",
+        "distill", "sam_train.commands.distill:main",
         "distil a SAM image encoder into a smaller student (MobileSAM / SAMI)",
     ),
 }

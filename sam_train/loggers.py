@@ -14,6 +14,8 @@ from urllib.parse import urlparse
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from sam_train.io import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -99,12 +101,13 @@ class _ResumingWriter(ExperimentWriter):
         rows = [r for r in self._previous if r.get("step") and int(r["step"]) < first] + self.metrics
         self._previous, self.metrics = None, rows
         self._record_new_keys()
-        tmp = Path(self.metrics_file_path + ".tmp")
-        with open(tmp, "w", newline="") as f:  # replaced in one rename: a kill never loses the old rows
+
+        def write(f) -> None:
             writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.metrics_file_path)
+
+        atomic_write(self.metrics_file_path, write, text=True)  # one rename: a kill never loses the old rows
         self.metrics = []
 
 

@@ -7,7 +7,7 @@ from functools import partial
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from sam_train.models.registry import SamConfig
+from sam_train.models.configs import SamConfig
 
 
 def build_official(cfg: SamConfig, seed: int = 0) -> Sam:

@@ -11,16 +11,16 @@ from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.utils import amg as official_amg
 from skimage import morphology
 
-from sam_train.eval.amg import (
+from sam_train.inference.amg import (
     AutomaticMaskGenerator,
     build_point_grid,
     generate_crop_boxes,
-    masks_to_boxes,
     remove_small_regions,
     stability_score,
 )
 from sam_train.models import build_sam, sam_config
 from sam_train.models.resize import resize_longest_side
+from sam_train.prompts.boxes import masks_to_boxes
 
 
 def _discs_image() -> np.ndarray:
@@ -126,7 +126,7 @@ def test_helpers_match_official():
     assert torch.allclose(stability_score(logits, 0.0, 1.0), ref)
     masks = logits > 4
     masks[0] = False
-    assert torch.equal(masks_to_boxes(masks), official_amg.batched_mask_to_box(masks))
+    assert torch.equal(masks_to_boxes(masks).long(), official_amg.batched_mask_to_box(masks))  # what amg uses
 
 
 def test_remove_small_regions_matches_skimage():

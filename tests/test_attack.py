@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sam_train.eval.attack import _interior_points, pgd_embedding_attack, robustness_report
-from sam_train.eval.predictor import SamPredictor
+from sam_train.eval.attack import pgd_embedding_attack, robustness_report
+from sam_train.inference.predictor import SamPredictor
+from sam_train.prompts.points import center_points
 
 
 @pytest.fixture
@@ -67,11 +68,11 @@ def test_bigger_budget_moves_embedding_further(tiny_sam, image):
     assert big.max() > small.max()
 
 
-def test_interior_points_are_deepest():
+def test_point_prompt_is_deepest():  # the attack's point prompt: center_points
     masks = torch.zeros(2, 40, 50, dtype=torch.bool)
     masks[0, 10:31, 5:16] = True  # 21 x 11 rectangle: centre column x = 10
     masks[1, 0:9, 0:9] = True  # touches the border: the click stays inside, away from the edges
-    pts = _interior_points(masks)
+    pts = center_points(masks)[0]
     assert pts[0, 0] == 10 and 15 <= pts[0, 1] <= 25
     assert torch.equal(pts[1], torch.tensor([4.0, 4.0]))
 

@@ -66,7 +66,7 @@ def test_recipe_composes(recipe):
 
 @pytest.fixture(scope="module")
 def msd_root(tmp_path_factory) -> Path:
-    from sam_train.data.demo import prepare_mni_demo
+    from sam_train.data.mni import prepare_mni_demo
 
     return prepare_mni_demo(tmp_path_factory.mktemp("msd") / "mni", n_cases=4, zoom=0.25)
 
@@ -74,7 +74,7 @@ def msd_root(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("recipe", FIT_RECIPES)
 def test_recipe_two_step_smoke(recipe, msd_root, tmp_path):
     """Each fit recipe trains 2 steps on tiny data (vit_t on CPU; medical recipes on real MR slices)."""
-    from sam_train.train import fit
+    from sam_train.commands.fit import fit
 
     overrides = [
         f"recipe={recipe}",

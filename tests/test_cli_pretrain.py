@@ -19,10 +19,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from sam_train.cli import CONFIG_DIR
+from sam_train.commands.fit import fit
+from sam_train.commands.pretrain import pretrain
 from sam_train.errors import SamTrainError
 from sam_train.models import build_sam
-from sam_train.pretrain import pretrain
-from sam_train.train import fit
 
 PRETRAIN_STEPS = 4
 
@@ -68,14 +68,14 @@ def test_pretrain_writes_checkpoint_and_loss(pretrained):
 
 
 def test_pretrain_images_are_the_train_cases_only(pretrained):
-    from sam_train.data.synthetic import mni_demo_slices
+    from sam_train.data.mni import mni_demo_slices
 
     pngs = sorted(p.stem for p in (pretrained / "data" / "mni_demo_images" / "train").glob("*.png"))
     kw = dict(root=pretrained / "data" / "mni_demo", val_fraction=0.34, split_seed=0)
     train_cases = mni_demo_slices(subset="train", **kw).case_ids
     val_cases = mni_demo_slices(subset="val", **kw).case_ids
     assert pngs and not set(train_cases) & set(val_cases)
-    assert {p.rsplit("_z", 1)[0] for p in pngs} == set(train_cases)
+    assert {p.rsplit("__z", 1)[0] for p in pngs} == set(train_cases)  # io.safe_file_name("<case>/z012")
 
 
 def test_pretrain_resumes_from_last_checkpoint(pretrained, caplog):
@@ -126,7 +126,7 @@ def test_export_then_fit_starts_from_mae_weights(pretrained, tmp_path):
 
 
 def test_export_errors_name_the_problem(pretrained, tmp_path):
-    from sam_train.export.mae_to_sam import export_from_config
+    from sam_train.commands.export_mae_to_sam import main as export_from_config
 
     def export(*overrides: str) -> None:
         export_from_config(_compose("export_mae_to_sam", list(overrides)))

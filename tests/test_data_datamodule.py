@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from sam_train.data.datamodule import SamDataModule
-from sam_train.data.demo import make_toy_shapes
 from sam_train.data.sample import SampleDataset
+from sam_train.data.toy_shapes import make_toy_shapes
 from sam_train.data.transforms import SamTransform
 from sam_train.data.webdataset import ShardDataset, write_shards
 

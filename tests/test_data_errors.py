@@ -16,10 +16,10 @@ from test_data_medical import AFFINE, write_msd
 from torch.utils.data import DataLoader
 
 from sam_train.data.coco import CocoDataset
-from sam_train.data.demo import make_toy_shapes
 from sam_train.data.folders import FolderDataset
 from sam_train.data.medical import MedicalSliceDataset
 from sam_train.data.sample import DataError, SkipCounter, collate_sam
+from sam_train.data.toy_shapes import make_toy_shapes
 from sam_train.data.transforms import SamTransform
 from sam_train.data.webdataset import ShardDataset, write_shards
 

@@ -11,7 +11,6 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from sam_train.data.demo import prepare_mni_demo
 from sam_train.data.medical import (
     MedicalSliceDataset,
     reassemble_volume,
@@ -20,6 +19,7 @@ from sam_train.data.medical import (
     volume_to_image,
 )
 from sam_train.data.medical_io import normalise_intensity, read_volume
+from sam_train.data.mni import prepare_mni_demo
 
 # an oblique-free but non-trivial orientation: x flipped, y and z permuted, anisotropic spacing
 AFFINE = np.array([[-0.8, 0, 0, 10.0], [0, 0, 2.0, -5.0], [0, 0.9, 0, 3.0], [0, 0, 0, 1]])

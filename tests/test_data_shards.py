@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from sam_train.data.demo import make_toy_shapes
+from sam_train.data.toy_shapes import make_toy_shapes
 from sam_train.data.webdataset import ShardDataset, write_shards
 
 

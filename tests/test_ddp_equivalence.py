@@ -20,7 +20,7 @@ SCRIPT = textwrap.dedent(
     import torch
 
     from sam_train.data.datamodule import SamDataModule
-    from sam_train.data.synthetic import ToyShapesDataset
+    from sam_train.data.toy_shapes import ToyShapesDataset
     from sam_train.data.transforms import SamTransform
     from sam_train.lit.sam_module import SamModule
     from sam_train.losses import SamLossConfig

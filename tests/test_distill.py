@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sam_train.data.sample import collate_sam
-from sam_train.data.synthetic import ToyShapesDataset
+from sam_train.data.toy_shapes import ToyShapesDataset
 from sam_train.data.transforms import SamTransform
 from sam_train.distill import DistillDataModule, DistillModule, embedding_mse, masked_feature_mse, with_teacher_decoder
 from sam_train.distill.models import check_compatible, embedding_shape, teacher_embeddings

@@ -192,7 +192,7 @@ def test_distill_recipes_compose_with_a_student_of_the_teachers_shape(recipe):
     from hydra import compose, initialize_config_dir
 
     from sam_train.cli import CONFIG_DIR
-    from sam_train.models.registry import sam_config
+    from sam_train.models.configs import sam_config
 
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("distill", overrides=[f"recipe={recipe}"])

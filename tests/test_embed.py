@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from sam_train import cli
 from sam_train.data.embeddings import EmbeddingDataModule, EmbeddingDataset, collate_embeddings
 from sam_train.data.sample import DataError, collate_sam
-from sam_train.data.synthetic import ToyShapesDataset
+from sam_train.data.toy_shapes import ToyShapesDataset
 from sam_train.data.transforms import SamTransform
 from sam_train.embed import embed_dataset
 from sam_train.models.image_encoder import ImageEncoderViT
@@ -64,7 +64,7 @@ def test_embed_command_then_decoder_only_fit_never_encodes(tmp_path, monkeypatch
 
     calls = []
     monkeypatch.setattr(ImageEncoderViT, "forward", lambda self, x: calls.append(x.shape) or 1 / 0)
-    from sam_train.train import fit
+    from sam_train.commands.fit import fit
 
     with initialize_config_dir(str(cli.CONFIG_DIR), version_base="1.3"):
         cfg = compose("fit", overrides=[

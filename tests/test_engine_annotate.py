@@ -12,10 +12,11 @@ import torch
 from pycocotools import mask as mask_utils
 
 from sam_train.data.coco import CocoDataset
-from sam_train.data.demo import make_toy_shapes
 from sam_train.data.image_io import encode_image
-from sam_train.engine.annotate import AnnotationServer, AnnotationSession, decode_uncompressed, uncompressed_rle
-from sam_train.eval.predictor import SamPredictor
+from sam_train.data.rle import decode_segmentation
+from sam_train.data.toy_shapes import make_toy_shapes
+from sam_train.engine.annotate import AnnotationServer, AnnotationSession, uncompressed_rle
+from sam_train.inference.predictor import SamPredictor
 from sam_train.models import build_sam
 
 CHROMIUM = "/usr/bin/chromium"
@@ -45,7 +46,7 @@ def test_uncompressed_rle_roundtrip_matches_pycocotools(gen):
     for m in masks.numpy():
         counts = uncompressed_rle(m)
         assert sum(counts) == m.size
-        assert np.array_equal(decode_uncompressed(counts, m.shape), m)
+        assert np.array_equal(decode_segmentation({"size": list(m.shape), "counts": counts}, *m.shape, "page"), m)
         # the same runs as pycocotools' own encoder, decompressed
         ref = mask_utils.frPyObjects({"size": list(m.shape), "counts": counts}, *m.shape)
         assert ref["counts"] == mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"]
@@ -103,7 +104,7 @@ def test_annotation_page_click_accept_save(image_dir: Path, tmp_path: Path):
             click(32, 32, len(latencies))
             assert page.evaluate("annot.points") == [[32, 32]] and page.evaluate("annot.labels") == [1]
             shown_rle = page.evaluate("annot.mask.rle")
-            shown = decode_uncompressed(shown_rle["counts"], shown_rle["size"])
+            shown = decode_segmentation(shown_rle, *shown_rle["size"], "page")
             assert shown.sum() == int(page.get_attribute("#canvas", "data-mask-area")) > 0
             changed = np.array(page.evaluate(CHANGED_PIXELS), dtype=bool).reshape(64, 64)
             changed[31:34, 31:34] = shown[31:34, 31:34]  # the point marker is drawn there too

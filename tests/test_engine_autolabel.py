@@ -11,13 +11,14 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from sam_train.data.demo import make_toy_shapes
 from sam_train.data.image_io import encode_image
+from sam_train.data.rle import encode_masks
+from sam_train.data.toy_shapes import make_toy_shapes
 from sam_train.data.webdataset import ShardDataset, write_shards
 from sam_train.engine.autolabel import AutoLabeler, autolabel, iter_images
-from sam_train.engine.merge import match_scores, to_rles
+from sam_train.engine.merge import match_scores
 from sam_train.engine.shards import ShardSamples, annotations_of, read_records
-from sam_train.eval.amg import AutomaticMaskGenerator
+from sam_train.inference.amg import AutomaticMaskGenerator
 from sam_train.models import build_sam
 
 # a random model scores low: thresholds off so that it still yields masks to check the plumbing
@@ -100,7 +101,7 @@ def test_semi_automatic_on_shards_keeps_existing_masks(model, tmp_path: Path):
 
 
 def test_iter_images_of_a_dataset_yields_each_sample_once():
-    from sam_train.data.synthetic import ToyShapesDataset
+    from sam_train.data.toy_shapes import ToyShapesDataset
 
     assert [x["id"] for x in iter_images(ToyShapesDataset(n=3))] == ["toy_00000", "toy_00001", "toy_00002"]
 
@@ -128,7 +129,7 @@ def test_autolabel_recovers_known_objects_after_brief_training(tmp_path: Path):
     what training taught, not the filters."""
     from hydra import compose, initialize_config_dir
 
-    from sam_train.engine.loop import train_round
+    from sam_train.commands.engine import train_round
 
     config_dir = Path(__file__).resolve().parent.parent / "sam_train" / "configs"
     with initialize_config_dir(str(config_dir), version_base="1.3"):
@@ -154,7 +155,7 @@ def test_autolabel_recovers_known_objects_after_brief_training(tmp_path: Path):
             tp = n_pred = 0
             for s in unseen:
                 pred = [a["segmentation"] for a in annotations_of(written[s["id"]])] if s["id"] in written else []
-                m_ = match_scores(pred, to_rles(s["masks"]))
+                m_ = match_scores(pred, encode_masks(s["masks"]))
                 tp, n_pred = tp + m_["tp"], n_pred + m_["num_pred"]
             n_gt = sum(len(s["masks"]) for s in unseen)
             assert scores[name]["recall"] == pytest.approx(tp / n_gt)

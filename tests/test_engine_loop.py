@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from sam_train.engine.loop import round_config, run_engine
+from sam_train.commands.engine import round_config, run_engine
 from sam_train.engine.shards import ShardSamples
 
 CONFIGS = str(Path(__file__).resolve().parent.parent / "sam_train" / "configs")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sam_train.engine.merge import dedup, from_rles, iou_matrix, match_scores, merge_proposals, to_rles
+from sam_train.data.rle import encode_masks
+from sam_train.engine.merge import dedup, from_rles, iou_matrix, match_scores, merge_proposals
 
 
 def rect(h: int, w: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -21,7 +22,7 @@ def np_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_rle_roundtrip_and_iou_match_numpy(gen):
     masks = torch.rand(6, 20, 30, generator=gen) > 0.6
-    rles = to_rles(masks)
+    rles = encode_masks(masks)
     assert torch.equal(from_rles(rles, (20, 30)), masks)
     m = masks.numpy()
     ref = np.array([[np_iou(a, b) for b in m[3:]] for a in m[:3]])
@@ -42,8 +43,8 @@ def test_merge_overlapping_proposals_never_overwrites_or_duplicates():
     ])
     proposals[4] |= rect(h, w, 19, 20, 0, 20)  # 20 px on a out of 398 -> 5% <= max_overlap: accepted, trimmed
     scores = [0.99, 0.98, 0.97, 0.96, 0.95, 0.90, 0.94]
-    existing = to_rles(np.stack([a, b]))
-    result = merge_proposals(existing, to_rles(proposals), scores, max_overlap=0.1)
+    existing = encode_masks(np.stack([a, b]))
+    result = merge_proposals(existing, encode_masks(proposals), scores, max_overlap=0.1)
 
     out = from_rles(result.rles, (h, w)).numpy()
     # existing masks first and bit-identical
@@ -75,7 +76,7 @@ def test_merge_random_invariants(gen, trim):
                 hh, ww = (int(v) for v in torch.randint(3, 10, (2,), generator=gen))
                 m[y0:y0 + hh, x0:x0 + ww] = True
         scores = torch.rand(8, generator=gen).tolist()
-        result = merge_proposals(to_rles(existing), to_rles(proposals), scores, max_overlap=0.2, trim=trim)
+        result = merge_proposals(encode_masks(existing), encode_masks(proposals), scores, max_overlap=0.2, trim=trim)
         out = from_rles(result.rles, (h, w)).numpy()
         ex, pr = existing.numpy(), proposals.numpy()
         assert np.array_equal(out[:3], ex)
@@ -93,7 +94,7 @@ def test_merge_random_invariants(gen, trim):
 
 def test_merge_rejects_bad_arguments():
     with pytest.raises(ValueError, match="same length"):
-        merge_proposals([], to_rles(np.ones((2, 4, 4), bool)), [0.5])
+        merge_proposals([], encode_masks(np.ones((2, 4, 4), bool)), [0.5])
     with pytest.raises(ValueError, match="max_overlap"):
         merge_proposals([], [], [], max_overlap=1.0)
 
@@ -103,9 +104,9 @@ def test_dedup_drops_near_duplicates_keeps_best():
     masks = np.stack([rect(h, w, 0, 10, 0, 10), rect(h, w, 0, 10, 0, 11), rect(h, w, 15, 25, 15, 25),
                       rect(h, w, 0, 10, 0, 20)])
     # IoU(0,1) = 100/110 = 0.91, IoU(1,3) = 0.55, IoU(0,3) = 0.5
-    kept = dedup(to_rles(masks), [0.5, 0.9, 0.7, 0.6], iou_thresh=0.8)
+    kept = dedup(encode_masks(masks), [0.5, 0.9, 0.7, 0.6], iou_thresh=0.8)
     assert kept == [1, 2, 3]
-    assert dedup(to_rles(masks), [0.5, 0.9, 0.7, 0.6], iou_thresh=0.4) == [1, 2]
+    assert dedup(encode_masks(masks), [0.5, 0.9, 0.7, 0.6], iou_thresh=0.4) == [1, 2]
 
 
 def test_match_scores_one_to_one():
@@ -114,6 +115,6 @@ def test_match_scores_one_to_one():
     pred = np.stack([rect(h, w, 0, 10, 0, 9),    # IoU 0.9 with gt 0
                      rect(h, w, 0, 10, 0, 8),    # IoU 0.8 with gt 0: a duplicate, not a second hit
                      rect(h, w, 0, 5, 15, 20)])  # nothing
-    s = match_scores(to_rles(pred), to_rles(gt))
+    s = match_scores(encode_masks(pred), encode_masks(gt))
     assert (s["tp"], s["num_pred"], s["num_gt"]) == (1, 3, 2)
     assert s["recall"] == 0.5 and s["precision"] == pytest.approx(1 / 3)

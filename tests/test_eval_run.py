@@ -1,4 +1,4 @@
-"""Evaluation runner (sam_train.eval.run / volumes): filled-box Dice against a numpy computation, the
+"""Evaluation runner (sam_train.eval.loop / volumes): filled-box Dice against a numpy computation, the
 attack path at eps = 0, and the 3D reassembly + NIfTI geometry with ground-truth predictions."""
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from sam_train.commands.eval import evaluate_after_fit, load_eval_model
 from sam_train.data.datamodule import SamDataModule
-from sam_train.data.demo import prepare_mni_demo
 from sam_train.data.medical import MedicalSliceDataset
-from sam_train.data.synthetic import ToyShapesDataset
+from sam_train.data.mni import prepare_mni_demo
+from sam_train.data.toy_shapes import ToyShapesDataset
 from sam_train.data.transforms import SamTransform
-from sam_train.eval.run import evaluate_after_fit, load_eval_model, run_evaluation
+from sam_train.eval.loop import run_evaluation
 from sam_train.eval.saving import load_label_volume, read_geometry
 from sam_train.eval.volumes import VolumeCollector
 from sam_train.models.checkpoint import save_sam_checkpoint
@@ -125,3 +126,34 @@ def test_load_eval_model_reads_official_and_lightning_layouts(tiny_sam, tmp_path
         loaded, expected = model.state_dict(), tiny_sam.state_dict()
         assert loaded.keys() == expected.keys()
         assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_evaluate_yaml_mirrors_eval_config_defaults():
+    """The defaults live in EvalConfig; configs/evaluate/default.yaml repeats them for the CLI."""
+    from sam_train.cli import CONFIG_DIR
+    from sam_train.eval.config import EvalConfig, as_dict
+
+    yaml = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "evaluate" / "default.yaml"))
+    defaults = as_dict(EvalConfig())
+    defaults.pop("seed")  # the command's seed, not an evaluate option
+    assert yaml == defaults
+
+
+def test_box_prompts_are_decoded_once_per_batch(tiny_sam, tmp_path):
+    """Prompted box Dice, the original-size predictions and the overlays share one box decode per batch."""
+    calls = []
+    decode = tiny_sam.decode
+
+    def counting_decode(*args, **kwargs):
+        calls.append(1)
+        return decode(*args, **kwargs)
+
+    tiny_sam.decode = counting_decode
+    try:
+        opts = {"modes": ["box", "filled_box"], "num_overlays": 1, "predictions": {"format": "png"}}
+        result = run_evaluation(tiny_sam, toy_datamodule(2).val_dataloader(), opts, tmp_path)
+    finally:
+        del tiny_sam.decode
+    assert len(calls) == 1  # toy_datamodule(2): one val batch of 2 images
+    assert len(list((tmp_path / "predictions").glob("*.png"))) == 2
+    assert set(result["summary"]) == {"eval/box/dice", "eval/box/iou", "eval/filled_box/dice", "eval/filled_box/iou"}

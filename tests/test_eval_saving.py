@@ -9,13 +9,12 @@ import SimpleITK as sitk
 import torch
 from pycocotools import mask as mask_utils
 
+from sam_train.data.label_maps import assemble_volume, masks_to_label_map
 from sam_train.eval.saving import (
-    assemble_case,
     case_id_of,
     load_coco_rle,
     load_label_volume,
     load_png_labels,
-    masks_to_label_map,
     read_geometry,
     save_coco_rle,
     save_label_volume,
@@ -79,21 +78,21 @@ def test_label_volume_errors(tmp_path):
     assert back[0, 0, 0] == 300 and back.dtype == np.uint16
 
 
-def test_assemble_case_along_any_axis():
+def test_assemble_volume_along_any_axis():
     rng = np.random.default_rng(1)
     vol = rng.integers(0, 3, size=(5, 4, 6))
     for axis in range(3):
         slices = [(k, np.take(vol, k, axis=axis)) for k in range(vol.shape[axis])]
         rng.shuffle(slices)
-        assert np.array_equal(assemble_case(slices, axis=axis, shape=vol.shape), vol)
-    partial = assemble_case([(2, torch.from_numpy(vol[:, 2]))], axis=1, shape=vol.shape)
+        assert np.array_equal(assemble_volume(slices, axis=axis, shape=vol.shape), vol)
+    partial = assemble_volume([(2, torch.from_numpy(vol[:, 2]))], axis=1, shape=vol.shape)
     assert np.array_equal(partial[:, 2], vol[:, 2]) and not partial[:, [0, 1, 3]].any()
     with pytest.raises(ValueError, match="twice"):
-        assemble_case([(1, vol[1]), (1, vol[1])], axis=0, shape=vol.shape)
+        assemble_volume([(1, vol[1]), (1, vol[1])], axis=0, shape=vol.shape)
     with pytest.raises(ValueError, match="shape"):
-        assemble_case([(1, vol[1, :2])], axis=0, shape=vol.shape)
+        assemble_volume([(1, vol[1, :2])], axis=0, shape=vol.shape)
     with pytest.raises(ValueError, match="out of range"):
-        assemble_case([(5, vol[0])], axis=0, shape=vol.shape)
+        assemble_volume([(5, vol[0])], axis=0, shape=vol.shape)
 
 
 def test_masks_to_label_map_overlap_rules():

@@ -7,10 +7,10 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from prompt_reference import per_object_reference
 
 from sam_train.losses import SamLossConfig, sam_loss
 from sam_train.prompts.interactive import PromptSimulationConfig, simulate
-from sam_train.prompts.reference import per_object_reference
 
 S = 256  # vit_t input size; low-res logits are 64 x 64
 
@@ -211,3 +211,24 @@ def test_bad_inputs_are_rejected(scene):
         simulate(model.decode, emb, gt.float(), ids, cfg, g)
     with pytest.raises(ValueError, match="image_ids"):
         simulate(model.decode, emb, gt, ids[:3], cfg, g)
+
+
+def test_sam_predict_masks_is_decode_best_token_upsample(scene):
+    """Sam.predict_masks: one decoder pass, the best multimask token where asked (else token 0), upsampled to S;
+    Sam.batch_embeddings: the batch's cached embeddings, else its images encoded."""
+    model, emb, gt, ids = scene
+    m = len(ids)
+    coords = torch.rand(m, 2, 2, generator=torch.Generator().manual_seed(5)) * S
+    labels = torch.tensor([[1, -1]] * m)
+    multimask = torch.tensor([True, False, True, True, False])
+    with torch.no_grad():
+        chosen, logits = model.predict_masks(emb, ids, coords, labels, multimask=multimask)
+        low, iou = model.decode(emb, ids, coords, labels)
+    token = torch.where(multimask, iou[:, 1:].argmax(1) + 1, 0)
+    expected = low[torch.arange(m), token][:, None]
+    assert torch.equal(chosen, expected) and logits.shape == (m, S, S)
+    torch.testing.assert_close(logits, F.interpolate(expected, (S, S), mode="bilinear", align_corners=False)[:, 0])
+    assert model.batch_embeddings({"embeddings": emb, "images": None}) is emb
+    images = torch.rand(1, 3, S, S, generator=torch.Generator().manual_seed(6)) * 255
+    with torch.no_grad():
+        torch.testing.assert_close(model.batch_embeddings({"images": images}), model.encode(model.preprocess(images)))

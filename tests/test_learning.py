@@ -11,7 +11,7 @@ import torch
 
 from sam_train.data.datamodule import SamDataModule
 from sam_train.data.sample import collate_sam
-from sam_train.data.synthetic import ToyShapesDataset
+from sam_train.data.toy_shapes import ToyShapesDataset
 from sam_train.data.transforms import SamTransform
 from sam_train.eval.prompted import evaluate_prompted
 from sam_train.lit.sam_module import SamModule

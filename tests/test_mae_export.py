@@ -117,14 +117,16 @@ def test_interpolate_pos_embed_layouts_agree():
         interpolate_pos_embed_grid(torch.zeros(1, 7, 8), 4)
 
 
-@pytest.mark.parametrize("layout", ["official", "lightning"])
+@pytest.mark.parametrize("layout", ["official", "lightning", "lightning_compiled_ddp"])
 def test_exported_checkpoint_loads_with_build_sam(layout, tmp_path):
     mae = _random_mae("mae_vit_t", seed=1)
     sd = mae.state_dict()
     if layout == "official":
         ckpt = _to_official_layout(sd)
-    else:  # a Lightning checkpoint of MaeModule (attribute `model`)
+    elif layout == "lightning":  # a Lightning checkpoint of MaeModule (attribute `model`)
         ckpt = {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 3, "global_step": 100}
+    else:  # the same with wrapper names (torch.compile inside, DDP outside): strip_wrapper_names drops them
+        ckpt = {"state_dict": {f"module.model._orig_mod.{k}": v for k, v in sd.items()}, "epoch": 3}
     torch.save(ckpt, tmp_path / "mae.pth")
     out = export_mae_to_sam(tmp_path / "mae.pth", tmp_path / "sam_init.pth", "vit_t", img_size=256)
     sam = build_sam("vit_t", checkpoint=out)

@@ -15,8 +15,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sam_train.cli import CONFIG_DIR
-from sam_train.data.demo import SUBCORTICAL, prepare_mni_subcortical
 from sam_train.data.medical import MedicalSliceDataset
+from sam_train.data.mni import SUBCORTICAL, prepare_mni_subcortical
 from sam_train.data.sample import DataError
 from sam_train.eval.objects import ObjectScores, box_then_clicks, format_object_table
 from sam_train.wall_clock import WallClockBudget, parse_duration
@@ -158,8 +158,8 @@ def test_medical_demo_end_to_end_stops_at_max_time(tmp_path):
 def test_cached_embeddings_inside_fit_vit_t(tmp_path):
     """The caching data module on a tiny model: every training view encoded once inside fit (cache.json),
     reused by a rerun in the same run dir; a trainable encoder is refused with one clear error."""
+    from sam_train.commands.fit import fit
     from sam_train.errors import SamTrainError
-    from sam_train.train import fit
 
     root = prepare_mni_subcortical(tmp_path / "sub", n_cases=3, slice_step=10)
     base = ["recipe=medical_finetune", "model=vit_t", f"data.train.root={root}", "data.train.val_fraction=0.34",

@@ -9,7 +9,7 @@ from official import official_and_ours
 from segment_anything import SamPredictor as OfficialPredictor
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from sam_train.eval.predictor import SamPredictor
+from sam_train.inference.predictor import SamPredictor
 from sam_train.models.resize import resize_longest_side
 
 TOL = 1e-4

@@ -8,6 +8,7 @@ import torch
 
 from sam_train.prompts import (
     PromptSimulationConfig,
+    center_points,
     error_regions,
     expand_boxes_uniform,
     iteration_schedule,
@@ -78,10 +79,33 @@ def test_error_points_without_error():
     assert torch.equal(region, gt)
 
 
+def test_center_points_are_the_evaluation_protocols_first_click():
+    """The one centre click: what eval.clicks gives as the first click on an empty prediction (the SAM /
+    RITM protocol: deepest pixel of the largest 4-connected component)."""
+    from scipy import ndimage
+
+    from sam_train.eval.clicks import next_click
+
+    masks = random_masks(12, 24, 31, seed=3, p=0.5)
+    masks = torch.from_numpy(np.stack([ndimage.binary_opening(m, iterations=2) for m in masks.numpy()]))
+    masks[2] = False
+    masks[5, :, :] = False
+    masks[5, 3:9, 4:8] = True  # a 4-connected blob and a larger disjoint one
+    masks[5, 12:22, 10:25] = True
+    coords, valid = center_points(masks)
+    expected, labels = next_click(torch.zeros_like(masks), masks)
+    assert torch.equal(coords, expected) and valid.tolist() == (labels == 1).tolist()
+    assert valid.tolist() == masks.flatten(1).any(1).tolist() and coords[2].tolist() == [0.0, 0.0]
+    assert at(masks, coords)[valid].all() and 10 <= coords[5, 0] <= 24 and 12 <= coords[5, 1] <= 21
+    x, y = coords[5].long().tolist()  # the deepest pixel of a 15 x 10 rectangle is 5 px from its border
+    assert min(x - 10, 24 - x, y - 12, 21 - y) == 4
+
+
 def test_masks_to_boxes_equals_numpy_extent():
     masks = random_masks(20, 30, 40, seed=5, p=0.002)
     masks[0] = False
     boxes = masks_to_boxes(masks)
+    assert masks_to_boxes(masks[:0]).shape == (0, 4)
     for m, box in zip(masks.numpy(), boxes.tolist(), strict=True):
         ys, xs = np.nonzero(m)
         expected = [0, 0, 0, 0] if len(xs) == 0 else [xs.min(), ys.min(), xs.max(), ys.max()]

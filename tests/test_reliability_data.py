@@ -12,7 +12,7 @@ import torch
 from sam_train.callbacks import SkipMonitor
 from sam_train.data.datamodule import SamDataModule
 from sam_train.data.sample import DataError, SampleDataset
-from sam_train.data.synthetic import ToyShapesDataset
+from sam_train.data.toy_shapes import ToyShapesDataset
 from sam_train.data.transforms import SamTransform
 
 

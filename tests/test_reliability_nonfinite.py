@@ -13,7 +13,7 @@ import torch
 
 from sam_train.callbacks import AtomicCheckpointIO, FaultInjection, NonFiniteError, NonFiniteGuard
 from sam_train.data.datamodule import SamDataModule
-from sam_train.data.synthetic import ToyShapesDataset
+from sam_train.data.toy_shapes import ToyShapesDataset
 from sam_train.data.transforms import SamTransform
 from sam_train.lit.sam_module import SamModule
 from sam_train.losses.sam_loss import SamLossConfig

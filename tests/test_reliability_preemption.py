@@ -22,10 +22,10 @@ from sam_train.callbacks import (
     PreemptionCheckpoint,
     preemption,
 )
+from sam_train.commands.build import build_plugins
 from sam_train.data.datamodule import SamDataModule
-from sam_train.data.synthetic import ToyShapesDataset
+from sam_train.data.toy_shapes import ToyShapesDataset
 from sam_train.data.transforms import SamTransform
-from sam_train.train import build_plugins
 
 
 class Tiny(pl.LightningModule):

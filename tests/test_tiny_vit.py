@@ -15,7 +15,7 @@ from lite_medsam_reference import (
     reference_preprocess,
 )
 
-from sam_train.data.demo import mni_template_paths
+from sam_train.data.mni import mni_template_paths
 from sam_train.models import build_sam
 from sam_train.models.checkpoint import CheckpointError, save_sam_checkpoint
 from sam_train.models.pretrained import PretrainedWeightsError, bundled_weights

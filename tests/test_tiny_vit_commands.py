@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from sam_train.data.demo import make_toy_shapes
 from sam_train.data.image_io import encode_image
+from sam_train.data.toy_shapes import make_toy_shapes
 from sam_train.models import build_sam
 from sam_train.models.checkpoint import load_state_dict_any
 
@@ -132,8 +132,8 @@ def test_eval_and_onnx_export(model_args, tmp_path):
 
 
 def test_predictor_and_automatic_masks_with_lite_medsam(tmp_path):
-    from sam_train.eval.amg import AutomaticMaskGenerator
-    from sam_train.eval.predictor import SamPredictor
+    from sam_train.inference.amg import AutomaticMaskGenerator
+    from sam_train.inference.predictor import SamPredictor
 
     model = build_sam("lite_medsam", pretrained=True, img_size=64).eval()
     sample = make_toy_shapes(1, 64, torch.Generator().manual_seed(2), max_objects=2)[0]

@@ -1,7 +1,7 @@
 """Reliability callbacks and plugins: atomic weights-only checkpoints, preemption, non-finite steps,
 rank failures, bad-sample monitoring, fault injection for tests."""
 
-from sam_train.callbacks.checkpoint_io import AtomicCheckpointIO, atomic_torch_save, load_weights_only
+from sam_train.callbacks.checkpoint_io import AtomicCheckpointIO, load_weights_only
 from sam_train.callbacks.data_skips import SkipMonitor
 from sam_train.callbacks.distributed import RankFailureReporter
 from sam_train.callbacks.epoch_end import EpochEndCheckpoint
@@ -23,6 +23,5 @@ __all__ = [
     "RankFailureReporter",
     "SkipMonitor",
     "StepProgressBar",
-    "atomic_torch_save",
     "load_weights_only",
 ]

@@ -1,8 +1,11 @@
 """Atomic, weights-only checkpoint I/O for Lightning (`Trainer(plugins=[AtomicCheckpointIO()])`).
 
-Writing: the checkpoint goes to `<path>.tmp`, is fsync'ed, then `os.replace`d over `<path>` (atomic on
-POSIX) and the directory entry is fsync'ed: a kill at any moment leaves either the previous file or the
-new one, never a truncated file under the real name.
+Writing: `sam_train.io.atomic_torch_save` (`<path>.tmp`, fsync, `os.replace` over `<path>`, directory
+fsync): a kill at any moment leaves either the previous file or the new one, never a truncated file
+under the real name.
+
+`checkpoint_dir(trainer)` is the folder the callbacks that save (last.ckpt at epoch end, preemption,
+non-finite stops) write into.
 
 Reading: always `torch.load(weights_only=True)`. Our own checkpoints hold only tensors and plain
 containers (SamModule does not pickle its config objects); a file that needs arbitrary code to unpickle
@@ -12,53 +15,25 @@ containers (SamModule does not pickle its config objects); a file that needs arb
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from sam_train.io import atomic_torch_save
 from sam_train.models.checkpoint import read_checkpoint_file
 
 log = logging.getLogger(__name__)
 
-TMP_SUFFIX = ".tmp"
 
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename: the directory entry must reach the disk too (no-op where unsupported)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """torch.save `obj` to `path` through `<path>.tmp` + fsync + os.replace. Returns `path`.
-
-    If anything fails (or the process is killed) before the rename, `path` keeps its previous content.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+def checkpoint_dir(trainer: Any) -> Path:
+    """Where a Lightning trainer's checkpoints go: its ModelCheckpoint's dirpath, else
+    `<default_root_dir>/checkpoints` (Lightning's own default layout)."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and getattr(callback, "dirpath", None):
+        return Path(callback.dirpath)
+    return Path(trainer.default_root_dir) / "checkpoints"
 
 
 def load_weights_only(path: str | Path, map_location: Any = "cpu") -> Any:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning.pytorch as pl
+
+from sam_train.callbacks.checkpoint_io import checkpoint_dir
 
 
 class EpochEndCheckpoint(pl.Callback):
@@ -30,7 +30,5 @@ class EpochEndCheckpoint(pl.Callback):
         epoch_end = last and (trainer.current_epoch + 1) % self.every_n_epochs == 0
         final = 0 < trainer.max_steps <= trainer.global_step
         if epoch_end or final:
-            callback = trainer.checkpoint_callback
-            root = Path(callback.dirpath) if callback is not None and callback.dirpath else None
-            path = (root or Path(trainer.default_root_dir) / "checkpoints") / self.filename
+            path = checkpoint_dir(trainer) / self.filename
             trainer.save_checkpoint(path, weights_only=False)  # full state (optimiser, loops): a resume point

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 
+from sam_train.callbacks.checkpoint_io import checkpoint_dir
 from sam_train.errors import SamTrainError
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class NonFiniteGuard(pl.Callback):
         )
         pl_module.log("train/skipped_steps", float(self.skipped), rank_zero_only=True)
         if self.consecutive >= self.max_consecutive:
-            path = self._checkpoint_dir(trainer) / self.filename
+            path = checkpoint_dir(trainer) / self.filename
             trainer.save_checkpoint(path, weights_only=False)  # parameters are still those of the last good step
             raise NonFiniteError(
                 f"{self.consecutive} consecutive optimiser steps with a non-finite {what} (last at step "
@@ -113,9 +113,3 @@ class NonFiniteGuard(pl.Callback):
                 f"{self.max_consecutive}. The last good state is saved in {path}. Lower the learning rate, "
                 f"check the data of these samples, or use bf16 instead of fp16."
             )
-
-    def _checkpoint_dir(self, trainer: pl.Trainer) -> Path:
-        callback = trainer.checkpoint_callback
-        if callback is not None and getattr(callback, "dirpath", None):
-            return Path(callback.dirpath)
-        return Path(trainer.default_root_dir) / "checkpoints"

@@ -6,7 +6,7 @@ The flow (every rank, DDP included):
    will never join (Lightning 2.6's Slurm auto-requeue saves its hpc checkpoint inside the handler and
    deadlocks DDP that way, Lightning-AI/pytorch-lightning#21406; its SIGTERM handler broadcasts).
    So this callback *replaces* Lightning's SIGTERM / SIGUSR1 handlers while training, never chains to
-   them, and `sam_train.train.build_trainer` runs Slurm jobs with `SLURMEnvironment(auto_requeue=False)`.
+   them, and `sam_train.commands.build.build_trainer` runs Slurm jobs with `SLURMEnvironment(auto_requeue=False)`.
 2. At the end of every training batch the ranks agree on the flags: one tiny all-reduce (max), so a
    signal seen by any rank stops all of them at the same step. (A single process also checks after
    every validation batch; in DDP a signal during validation is handled after it, at the next step.)
@@ -31,13 +31,14 @@ import os
 import re
 import signal
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from sam_train.callbacks.checkpoint_io import checkpoint_dir
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +235,7 @@ class PreemptionCheckpoint(pl.Callback):
             self._exit_if_preempted()
 
     def _save(self, trainer: pl.Trainer) -> str:
-        path = self._checkpoint_dir(trainer) / self.filename
+        path = checkpoint_dir(trainer) / self.filename
         trainer.save_checkpoint(path, weights_only=False)  # every rank: rank 0 writes (atomically), then a barrier
         name = signal.Signals(self.received).name if self.received is not None else "SIGTERM"
         message = (
@@ -243,9 +244,3 @@ class PreemptionCheckpoint(pl.Callback):
         )
         log.warning(message)
         return message
-
-    def _checkpoint_dir(self, trainer: pl.Trainer) -> Path:
-        callback = trainer.checkpoint_callback
-        if callback is not None and getattr(callback, "dirpath", None):
-            return Path(callback.dirpath)
-        return Path(trainer.default_root_dir) / "checkpoints"

@@ -21,9 +21,11 @@ _LAZY = {
     "convert": "convert",
     "SamDataModule": "datamodule",
     "CachedEmbeddingDataModule": "cached",
-    "prepare_mni_demo": "demo",
-    "prepare_mni_subcortical": "demo",
-    "make_toy_shapes": "demo",
+    "prepare_mni_demo": "mni",
+    "prepare_mni_subcortical": "mni",
+    "mni_demo_slices": "mni",
+    "make_toy_shapes": "toy_shapes",
+    "ToyShapesDataset": "toy_shapes",
 }
 
 __all__ = ["DataError", "SampleDataset", "SamTransform", "SkipCounter", "collate_sam", "make_sample",

@@ -23,6 +23,7 @@ from sam_train.data.datamodule import SamDataModule
 from sam_train.data.embeddings import SHARD_GLOB, EmbeddingDataset, collate_embeddings
 from sam_train.data.sample import DataError
 from sam_train.errors import SamTrainError
+from sam_train.finetune.freeze import trainable_parameter_names
 
 log = logging.getLogger(__name__)
 VIEWS = ("none", "hflip", "vflip")
@@ -120,7 +121,7 @@ class CachedEmbeddingDataModule(SamDataModule):
         if self.trainer is None:
             raise SamTrainError("CachedEmbeddingDataModule encodes with the model being trained: use it in fit")
         model = self.trainer.lightning_module.model
-        trainable = [n for n, p in model.image_encoder.named_parameters() if p.requires_grad]
+        trainable = trainable_parameter_names(model.image_encoder)
         if trainable:
             raise SamTrainError(
                 f"cached embeddings need a frozen image encoder (finetune=decoder_only), but {len(trainable)} "

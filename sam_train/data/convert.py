@@ -67,21 +67,3 @@ def convert(
     if summary["skipped"]:
         log.warning("convert skipped %d bad samples: %s", summary["skipped"], summary["by_source"])
     return shards
-
-
-def convert_from_config(cfg: Any) -> list[Path]:
-    """`sam-train convert source_kind=... source=... out_dir=... [reader.key=value ...]` (configs/convert.yaml)."""
-    from omegaconf import OmegaConf
-
-    from sam_train.errors import SamTrainError
-
-    if not Path(cfg.source).exists():
-        raise SamTrainError(f"source={cfg.source}: no such file or directory")
-    reader = OmegaConf.to_container(cfg.reader, resolve=True) or {}
-    try:
-        return convert(
-            cfg.source_kind, cfg.source, cfg.out_dir, shard_size=cfg.shard_size, max_bytes=cfg.max_bytes,
-            image_format=cfg.image_format, on_error=cfg.on_error, **reader,
-        )
-    except (ValueError, TypeError) as exc:
-        raise SamTrainError(str(exc)) from exc

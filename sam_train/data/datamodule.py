@@ -9,7 +9,6 @@ identical to those of an uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,12 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from sam_train.data.sample import collate_sam
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """63-bit seed of one sample's augmentation: the same on every process and after a resume."""
-    digest = hashlib.blake2b(repr(("sample", seed, epoch, index)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+from sam_train.seeding import derive_seed
 
 
 class ResumableSampler(DistributedSampler):
@@ -91,7 +85,7 @@ class EpochSeededDataset(Dataset):
         epoch, index = divmod(int(key), len(self.dataset))
         for target in (self.dataset, getattr(self.dataset, "transform", None)):
             if hasattr(target, "seed_next"):
-                target.seed_next(sample_seed(self.seed, epoch, index))
+                target.seed_next(derive_seed("sample", self.seed, epoch, index))
         return self.dataset[index]
 
 

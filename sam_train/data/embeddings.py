@@ -20,21 +20,19 @@ from __future__ import annotations
 
 import bisect
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pycocotools.mask as mask_utils
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from sam_train.data.datamodule import SamDataModule
-from sam_train.data.rle import decode_compressed_rles
-from sam_train.data.sample import META_KEYS, DataError
+from sam_train.data.rle import decode_compressed_rles, encode_masks
+from sam_train.data.sample import META_KEYS, DataError, collate_objects, stack_per_image
+from sam_train.io import atomic_save_safetensors
 
 FORMAT = "sam_train.embeddings/1"
 SHARD_GLOB = "embeddings-*.safetensors"
@@ -45,14 +43,6 @@ def storage_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"embedding storage dtype must be one of {tuple(DTYPES)}, got {name!r}")
     return DTYPES[name]
-
-
-def encode_masks_rle(masks: torch.Tensor) -> list[bytes]:
-    """bool [N, S, S] -> N compressed COCO RLE counts strings (pycocotools, one call for all masks)."""
-    if masks.shape[0] == 0:
-        return []
-    array = np.asfortranarray(masks.permute(1, 2, 0).numpy().astype(np.uint8))  # [S, S, N], Fortran order
-    return [rle["counts"] for rle in mask_utils.encode(array)]
 
 
 def write_embedding_shard(
@@ -75,7 +65,7 @@ def write_embedding_shard(
     for s in samples:
         if tuple(s["masks"].shape[-2:]) != (img_size, img_size):
             raise ValueError(f"{s['source']} ({s['id']}): masks must be [N, {img_size}, {img_size}] (use SamTransform)")
-        strings += encode_masks_rle(s["masks"])
+        strings += [rle["counts"].encode("ascii") for rle in encode_masks(s["masks"])]
         counts.append(s["masks"].shape[0])
     lengths = torch.tensor([len(b) for b in strings], dtype=torch.int64)
     tensors = {
@@ -95,14 +85,7 @@ def write_embedding_shard(
         "ids": json.dumps([str(s["id"]) for s in samples]),
         "meta": json.dumps(meta),
     }
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # safetensors creates 0600 files; shards are data, readable like any other
-    tmp.replace(path)
-    return path
+    return atomic_save_safetensors(tensors, path, metadata=metadata)
 
 
 class _Shard:
@@ -259,22 +242,8 @@ class EmbeddingDataset(torch.utils.data.Dataset):
 def collate_embeddings(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """EmbeddingDataset samples -> decoder-only batch: the `collate_sam` format with `embeddings`
     float [B, C, h, w] in place of `images` (docs/architecture.md)."""
-    if not samples:
-        raise ValueError("collate_embeddings got an empty list of samples")
-    shapes = {tuple(s["embedding"].shape) for s in samples}
-    if len(shapes) != 1:
-        raise DataError(f"collate_embeddings: embeddings of one batch must share a shape, got {sorted(shapes)}")
-    counts = torch.tensor([s["masks"].shape[0] for s in samples], dtype=torch.int64)
-    return {
-        "embeddings": torch.stack([s["embedding"] for s in samples]),
-        "masks": torch.cat([s["masks"] for s in samples]),
-        "image_ids": torch.repeat_interleave(torch.arange(len(samples)), counts),
-        "input_sizes": torch.tensor([list(s["input_size"]) for s in samples], dtype=torch.int64),
-        "original_sizes": torch.tensor([list(s["original_size"]) for s in samples], dtype=torch.int64),
-        "class_ids": torch.cat([s["class_ids"] for s in samples]),
-        "ids": [s["id"] for s in samples],
-        "meta": [{k: s[k] for k in META_KEYS if k in s} for s in samples],
-    }
+    embeddings = stack_per_image(samples, "embedding", "collate_embeddings")
+    return {"embeddings": embeddings, **collate_objects(samples)}
 
 
 class EmbeddingDataModule(SamDataModule):

@@ -14,6 +14,7 @@ import scipy.ndimage
 import SimpleITK as sitk
 import torch
 
+from sam_train.data.label_maps import assemble_volume, masks_to_label_map
 from sam_train.data.medical_io import (
     Case,
     check_geometry,
@@ -252,22 +253,21 @@ def reassemble_volume(
     """Per-slice samples or predictions of ONE case -> int64 label volume of `shape` (zeros elsewhere).
 
     Each item needs `slice_index`, `masks` bool [N, H, W] at the original slice size and `class_ids` [N]
-    (a mask whose class is -1 gets its 1-based position). Later masks overwrite earlier ones.
+    (a mask whose class is -1 gets its 1-based position). Later masks overwrite earlier ones
+    (`masks_to_label_map`, then `assemble_volume`).
     """
-    volume = np.zeros(tuple(shape), np.int64)
-    for item in slices:
-        a = item.get("axis", axis) if axis is None else axis
-        if a is None:
-            raise ValueError("reassemble_volume: pass axis= or give each slice an 'axis'")
-        masks = np.asarray(item["masks"].numpy() if isinstance(item["masks"], torch.Tensor) else item["masks"])
+    items = list(slices)
+    axes = {item.get("axis") if axis is None else axis for item in items}
+    if None in axes or len(axes) > 1:
+        raise ValueError("reassemble_volume: pass axis= or give each slice the same 'axis'")
+    maps = []
+    for item in items:
+        masks = torch.as_tensor(item["masks"]).bool()
         class_ids = item.get("class_ids")
-        class_ids = np.full(len(masks), -1) if class_ids is None else np.asarray(class_ids)
-        target = np.moveaxis(volume, a, 0)[int(item["slice_index"])]  # a view into `volume`
-        if masks.shape[1:] != target.shape:
-            raise ValueError(f"slice {item['slice_index']}: masks {masks.shape[1:]} != volume slice {target.shape}")
-        for k, (mask, c) in enumerate(zip(masks, class_ids, strict=True)):
-            target[mask] = c if c >= 0 else k + 1
-    return volume
+        ids = torch.full((len(masks),), -1) if class_ids is None else torch.as_tensor(class_ids).long().cpu()
+        ids = torch.where(ids >= 0, ids, torch.arange(1, len(ids) + 1))
+        maps.append((int(item["slice_index"]), masks_to_label_map(masks, ids)))
+    return assemble_volume(maps, axis=axes.pop() if axes else 0, shape=shape).astype(np.int64)
 
 
 def volume_to_image(volume: np.ndarray, reference: sitk.Image, orientation: str | None = None) -> sitk.Image:

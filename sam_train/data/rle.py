@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_utils
+import torch
 
 from sam_train.data.sample import DataError
 
@@ -132,13 +133,36 @@ def decode_segmentation(segmentation: Any, height: int, width: int, where: str) 
     return mask_utils.decode(rle).view(bool)  # 0/1 bytes
 
 
-def encode_mask(mask: np.ndarray) -> dict[str, Any]:
-    """bool [H, W] -> compressed RLE {"size": [H, W], "counts": str} (json-serialisable, SA-1B style)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+def encode_masks(masks: np.ndarray | torch.Tensor) -> list[dict[str, Any]]:
+    """bool [N, H, W] (numpy or torch, any device) -> N compressed COCO RLEs {"size": [H, W], "counts": str}
+    (json-serialisable, SA-1B style), in one pycocotools call; [] for N = 0."""
+    arr = masks.cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
+    if arr.ndim != 3:
+        raise ValueError(f"masks must be [N, H, W], got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(arr.transpose(1, 2, 0).astype(np.uint8)))  # [H, W, N], Fortran order
+    return [{"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")} for rle in rles]
 
 
-def mask_bbox_area(mask: np.ndarray) -> tuple[list[float], int]:
-    """bool [H, W] -> (COCO bbox [x, y, w, h], area in pixels)."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+def encode_mask(mask: np.ndarray | torch.Tensor) -> dict[str, Any]:
+    """bool [H, W] -> compressed RLE {"size": [H, W], "counts": str} (see `encode_masks`)."""
+    return encode_masks(mask[None])[0]
+
+
+def rle_bytes(rle: dict[str, Any]) -> dict[str, Any]:
+    """A compressed RLE as pycocotools' functions want it: counts as bytes (ours are str, for JSON)."""
+    counts = rle["counts"]
+    return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+
+
+def decode_rle(rle: dict[str, Any]) -> np.ndarray:
+    """A well-formed compressed RLE (str or bytes counts, e.g. from `encode_masks`) -> bool [H, W].
+    Unchecked: RLEs read from files go through `decode_segmentation`, which validates them first."""
+    return mask_utils.decode(rle_bytes(rle)).astype(bool)
+
+
+def rle_bbox_area(rle: dict[str, Any]) -> tuple[list[float], int]:
+    """Compressed RLE -> (COCO bbox [x, y, w, h], area in pixels)."""
+    rle = rle_bytes(rle)
     return [float(v) for v in mask_utils.toBbox(rle)], int(mask_utils.area(rle))

@@ -95,17 +95,11 @@ def validate_sample(sample: Mapping[str, Any]) -> None:
         )
 
 
-def collate_sam(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Transformed samples (all images [3, S, S]) -> batch dict (docs/architecture.md, batch format).
-
-    images uint8 [B,3,S,S]; masks bool [M,S,S] (all objects concatenated); image_ids int64 [M];
-    input_sizes / original_sizes int64 [B,2]; class_ids int64 [M]; ids list[str]; meta list[dict].
-    """
-    if not samples:
-        raise ValueError("collate_sam got an empty list of samples")
-    sizes = {tuple(s["image"].shape) for s in samples}
-    if len(sizes) != 1:
-        raise DataError(f"collate_sam: images of one batch must share a size (use SamTransform), got {sorted(sizes)}")
+def collate_objects(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The per-object part of a batch (docs/architecture.md, batch format), shared by `collate_sam` and the
+    decoder-only `collate_embeddings`: masks bool [M,S,S] (all objects concatenated); image_ids int64 [M];
+    input_sizes / original_sizes int64 [B,2] (default: the image's size); class_ids int64 [M] (-1 where a
+    sample has none); ids list[str]; meta list[dict]."""
     masks = [s["masks"] for s in samples]
     counts = torch.tensor([m.shape[0] for m in masks], dtype=torch.int64)
     class_ids = [
@@ -117,7 +111,6 @@ def collate_sam(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return tuple(s[key]) if key in s else tuple(s["image"].shape[1:])  # type: ignore[return-value]
 
     return {
-        "images": torch.stack([s["image"] for s in samples]),
         "masks": torch.cat(masks),
         "image_ids": torch.repeat_interleave(torch.arange(len(samples)), counts),
         "input_sizes": torch.tensor([size_of(s, "input_size") for s in samples], dtype=torch.int64),
@@ -126,6 +119,26 @@ def collate_sam(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "ids": [s["id"] for s in samples],
         "meta": [{k: s[k] for k in META_KEYS if k in s} for s in samples],
     }
+
+
+def stack_per_image(samples: Sequence[Mapping[str, Any]], key: str, caller: str, hint: str = "") -> torch.Tensor:
+    """`torch.stack` of every sample's `key` (image, embedding), with one-line errors naming `caller` for an
+    empty list and for shapes that differ (`hint` says what makes them equal)."""
+    if not samples:
+        raise ValueError(f"{caller} got an empty list of samples")
+    shapes = {tuple(s[key].shape) for s in samples}
+    if len(shapes) != 1:
+        raise DataError(f"{caller}: the {key}s of one batch must share a shape{hint}, got {sorted(shapes)}")
+    return torch.stack([s[key] for s in samples])
+
+
+def collate_sam(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Transformed samples (all images [3, S, S]) -> batch dict (docs/architecture.md, batch format).
+
+    images uint8 [B,3,S,S], then the objects (`collate_objects`).
+    """
+    images = stack_per_image(samples, "image", "collate_sam", " (use SamTransform)")
+    return {"images": images, **collate_objects(samples)}
 
 
 class SkipCounter:

@@ -9,7 +9,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sam_train.models.resize import preprocess_shape, resize_longest_side, resize_masks_longest_side
+from sam_train.models.resize import (
+    preprocess_shape,
+    resize_image,
+    resize_longest_side,
+    resize_masks,
+    resize_masks_longest_side,
+)
+from sam_train.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +84,7 @@ class SamTransform:
         info = torch.utils.data.get_worker_info()
         key = None if info is None else (info.id, info.seed)
         if self._generator is None or key != self._generator_key:
-            seed = self.seed if info is None else hash((self.seed, info.seed)) % (2**63)
+            seed = self.seed if info is None else derive_seed(self.seed, info.seed)
             self._generator = torch.Generator().manual_seed(seed)
             self._generator_key = key
         return self._generator
@@ -124,8 +131,8 @@ class SamTransform:
             image = resize_longest_side(image, long_side)
             masks = resize_masks_longest_side(masks, long_side)
         else:
-            image = _resize_to(image, (long_side, long_side))
-            masks = _resize_masks_to(masks, (long_side, long_side))
+            image = resize_image(image, (long_side, long_side))
+            masks = resize_masks(masks, (long_side, long_side))
 
         h, w = image.shape[1:]
         if h > self.img_size or w > self.img_size:  # zoomed in: random S x S window
@@ -152,18 +159,3 @@ class SamTransform:
         if self.keep_aspect:
             return preprocess_shape(*original_size, self.img_size)
         return (self.img_size, self.img_size)
-
-
-def _resize_to(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 [3, H, W] -> uint8 [3, *size], antialiased bilinear (aspect ratio not kept)."""
-    if tuple(image.shape[1:]) == size:
-        return image
-    x = F.interpolate(image[None].float(), size, mode="bilinear", align_corners=False, antialias=True)
-    return x[0].round().clamp(0, 255).to(torch.uint8)
-
-
-def _resize_masks_to(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """bool [N, H, W] -> bool [N, *size] (nearest)."""
-    if tuple(masks.shape[1:]) == size or masks.shape[0] == 0:
-        return masks.reshape(masks.shape[0], *size) if masks.shape[0] == 0 else masks
-    return F.interpolate(masks[:, None].float(), size, mode="nearest-exact")[:, 0] > 0.5

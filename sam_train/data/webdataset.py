@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sam_train.data.image_io import decode_image_bytes, encode_image
-from sam_train.data.rle import check_rle, decode_compressed_rles, encode_mask, mask_bbox_area
+from sam_train.data.rle import check_rle, decode_compressed_rles, encode_masks, rle_bbox_area
 from sam_train.data.sample import DataError, OnError, SkipCounter, make_sample
 
 log = logging.getLogger(__name__)
@@ -66,11 +66,10 @@ def sample_to_record(sample: dict[str, Any], key: str, *, image_format: str = "k
     masks = sample["masks"].numpy()
     class_ids = sample.get("class_ids")
     annotations = []
-    for k, mask in enumerate(masks):
-        bbox, area = mask_bbox_area(mask)
+    for k, rle in enumerate(encode_masks(masks)):
+        bbox, area = rle_bbox_area(rle)
         category = int(class_ids[k]) if class_ids is not None else -1
-        annotations.append({"id": k, "segmentation": encode_mask(mask), "bbox": bbox, "area": area,
-                            "category_id": category})
+        annotations.append({"id": k, "segmentation": rle, "bbox": bbox, "area": area, "category_id": category})
     h, w = sample["image"].shape[1:]
     image_info = {"id": sample["id"], "height": int(h), "width": int(w), "source": sample["source"]}
     image_info.update({k: sample[k] for k in MEDICAL_KEYS if k in sample})

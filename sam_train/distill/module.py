@@ -15,10 +15,9 @@ from sam_train.lit.sam_module import (
     ParamGroupsFactory,
     SchedulerFactory,
     optimizer_config,
-    seed_global_rngs,
-    step_seed,
 )
 from sam_train.models.sam import Sam
+from sam_train.seeding import derive_seed, seed_global_rngs
 
 EmbeddingLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -78,7 +77,7 @@ class DistillModule(pl.LightningModule):
         return self.loss_fn(student, self.targets(batch))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        seed_global_rngs(step_seed(self.seed, self.global_rank, 2, self.global_step, batch_idx))
+        seed_global_rngs(derive_seed(self.seed, self.global_rank, 2, self.global_step, batch_idx))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.embedding_loss(batch)

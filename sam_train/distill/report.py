@@ -2,7 +2,7 @@
 
 Each batch is encoded once by every model (timed: encoder-only images/s, interleaved per batch so that all
 models see the same machine load); the embeddings then feed the evaluation's box protocol
-(`sam_train.eval.run.Evaluation`: prompted Dice per case and class, mean over cases), the embedding MSE
+(`sam_train.eval.loop.Evaluation`: prompted Dice per case and class, mean over cases), the embedding MSE
 against the teacher, and the agreement of each student's box masks with the teacher's.
 """
 
@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 
+from sam_train.eval.config import EvalConfig
+from sam_train.eval.loop import Evaluation
+from sam_train.eval.metrics import dice
 from sam_train.eval.prompted import box_prompts, predict_objects, to_device, valid_region
-from sam_train.eval.run import Evaluation
 from sam_train.models.sam import Sam
 
 log = logging.getLogger(__name__)
@@ -29,19 +31,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def mask_dice(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[M, ...] bool masks -> [M] Dice of a against b (1 where both are empty)."""
-    inter = (a & b).flatten(1).sum(1).float()
-    total = a.flatten(1).sum(1).float() + b.flatten(1).sum(1).float()
-    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
-
-
 @torch.no_grad()
 def compare_on_held_out(
     teacher: Sam,
     students: Mapping[str, Sam],
     batches: Iterable[dict[str, Any]],
-    opts: Mapping[str, Any],
+    config: EvalConfig | Mapping[str, Any],
     out_dir: Path,
     *,
     dataset: Any = None,
@@ -53,18 +48,19 @@ def compare_on_held_out(
     "timed_images"} and, for students, "embedding_mse" and "teacher_agreement_dice"}; each model's full
     evaluation goes to `out_dir/<name>/metrics.json`.
     """
+    config = EvalConfig.from_dict(config)
     models = {"teacher": teacher, **students}
     device = teacher.device
     was_training = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
-    evals = {name: Evaluation(m, opts, dataset=dataset) for name, m in models.items()}
+    evals = {name: Evaluation(m, config, dataset=dataset) for name, m in models.items()}
     times: dict[str, list[float]] = defaultdict(list)
     sizes: list[int] = []
     sq_err: dict[str, float] = defaultdict(float)
     agree: dict[str, list[torch.Tensor]] = defaultdict(list)
     numel = 0
-    max_batches = opts.get("max_batches")
+    max_batches = config.max_batches
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= int(max_batches):
             break
@@ -89,7 +85,7 @@ def compare_on_held_out(
             sq_err[name] += float((embeddings[name].float() - ref.float()).pow(2).sum())
             if ref_pred is not None:
                 pred = predict_objects(models[name], {**batch, "embeddings": embeddings[name]}, coords, labels, False)
-                agree[name].append(mask_dice(pred & valid, ref_pred & valid).cpu())
+                agree[name].append(dice(pred & valid, ref_pred & valid))
         for name, evaluation in evals.items():
             evaluation.update({**batch, "embeddings": embeddings[name]}, out_dir / name)
     skip = warmup_batches if len(sizes) > warmup_batches else 0

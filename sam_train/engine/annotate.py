@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from http import HTTPStatus
@@ -33,8 +31,10 @@ import torch
 from pycocotools import mask as mask_utils
 
 from sam_train.data.image_io import IMAGE_SUFFIXES, encode_image, read_image
+from sam_train.data.rle import decode_rle, rle_bbox_area
 from sam_train.data.sample import DataError
-from sam_train.eval.predictor import SamPredictor
+from sam_train.inference.predictor import SamPredictor
+from sam_train.io import atomic_write, safe_file_name
 from sam_train.models.sam import Sam
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,6 @@ def uncompressed_rle(mask: np.ndarray) -> list[int]:
     bounds = np.concatenate([[0], change, [flat.size]])
     runs = np.diff(bounds).tolist()
     return ([0] + runs) if flat.size and flat[0] else runs
-
-
-def decode_uncompressed(counts: list[int], size: tuple[int, int]) -> np.ndarray:
-    """COCO uncompressed RLE counts -> bool [H, W] (pycocotools)."""
-    rle = mask_utils.frPyObjects({"size": list(size), "counts": list(counts)}, *size)
-    return mask_utils.decode(rle).astype(bool)
 
 
 def list_images(image_dir: Path) -> list[Path]:
@@ -164,7 +158,7 @@ class AnnotationSession:
     def annotations(self, index: int) -> list[dict[str, Any]]:
         """Accepted masks of an image as uncompressed RLE (what the page draws)."""
         h, w = (int(s) for s in self.image(index).shape[1:])
-        return [{"size": [h, w], "counts": uncompressed_rle(mask_utils.decode(_bytes_rle(r)).astype(bool))}
+        return [{"size": [h, w], "counts": uncompressed_rle(decode_rle(r))}
                 for r in self.accepted[index]]
 
     def coco(self) -> dict[str, Any]:
@@ -175,28 +169,18 @@ class AnnotationSession:
             h, w = (int(s) for s in self.image(i).shape[1:])
             images.append({"id": i + 1, "file_name": str(f.relative_to(self.image_dir)), "height": h, "width": w})
             for rle in self.accepted[i]:
-                x, y, bw, bh = (float(v) for v in mask_utils.toBbox(_bytes_rle(rle)))
+                bbox, area = rle_bbox_area(rle)
                 annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
-                                    "segmentation": rle, "area": int(mask_utils.area(_bytes_rle(rle))),
-                                    "bbox": [x, y, bw, bh]})
+                                    "segmentation": rle, "area": area, "bbox": bbox})
         return {"images": images, "annotations": annotations,
                 "categories": [{"id": 1, "name": "object", "supercategory": "object"}]}
 
     def save(self) -> dict[str, Any]:
-        """Write the COCO json atomically (temp file + rename); returns {path, images, annotations}."""
+        """Write the COCO json atomically (`sam_train.io.atomic_write`); returns {path, images, annotations}."""
         with self.lock:
             data = self.coco()
-            self.out_json.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.out_json.parent, suffix=".json.tmp")
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh)
-            os.replace(tmp, self.out_json)
+            atomic_write(self.out_json, lambda f: json.dump(data, f), text=True)
         return {"path": str(self.out_json), "images": len(data["images"]), "annotations": len(data["annotations"])}
-
-
-def _bytes_rle(rle: dict[str, Any]) -> dict[str, Any]:
-    counts = rle["counts"]
-    return {"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
 
 
 def make_handler(session: AnnotationSession) -> type[BaseHTTPRequestHandler]:
@@ -302,44 +286,5 @@ def export_images(dataset: Any, out_dir: Path) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in iter_images(dataset):
-        name = str(item["id"]).replace("/", "_")
-        (out_dir / f"{name}.png").write_bytes(encode_image(item["image"]))
+        (out_dir / f"{safe_file_name(str(item['id']))}.png").write_bytes(encode_image(item["image"]))
     return out_dir
-
-
-def image_folder_from_config(cfg: Any) -> Path:
-    """`images=<folder>`, or `data=<config>`: that data config's `split` dataset, untransformed, as PNGs
-    in `<out's folder>/images`."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf, open_dict
-
-    if cfg.get("images"):
-        folder = Path(cfg.images)
-        if not folder.is_dir():
-            raise DataError(f"images={folder}: not a folder (expected a folder of images)")
-        return folder
-    if cfg.get("data") is None:
-        raise DataError("annotate needs images=<folder of images> or data=<data config> (e.g. data=toy_shapes)")
-    split = cfg.data.get(cfg.split)
-    if split is None:
-        raise DataError(f"data config has no {cfg.split!r} dataset (split=train | val)")
-    split = OmegaConf.create(OmegaConf.to_container(split, resolve=True))  # detached: resolve first
-    with open_dict(split):
-        split.transform = None  # the page shows original images
-    return export_images(instantiate(split), Path(cfg.out).parent / "images")
-
-
-def serve_from_config(cfg: Any) -> None:
-    """Entry point of `sam-train annotate` (configs/annotate.yaml): serve until Ctrl-C."""
-    from sam_train.engine.autolabel import load_model
-
-    image_dir = image_folder_from_config(cfg)
-    model = load_model(cfg.model, cfg.device)
-    server = AnnotationServer(AnnotationSession(model, image_dir, cfg.out), host=cfg.host, port=cfg.port)
-    print(f"annotation page: {server.url}  (images: {image_dir}, saving to {cfg.out}; Ctrl-C to stop)", flush=True)
-    try:
-        server.httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.httpd.server_close()

@@ -22,10 +22,11 @@ import torch
 from tqdm import tqdm
 
 from sam_train.data.image_io import IMAGE_SUFFIXES, read_image
+from sam_train.data.rle import encode_masks
 from sam_train.data.sample import DataError
-from sam_train.engine.merge import Rle, dedup, match_scores, merge_proposals, to_rles
+from sam_train.engine.merge import Rle, dedup, match_scores, merge_proposals
 from sam_train.engine.shards import labelled_record, write_records
-from sam_train.eval.amg import AutomaticMaskGenerator
+from sam_train.inference.amg import AutomaticMaskGenerator
 from sam_train.models.sam import Sam
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class AutoLabeler:
             for r in records
         ]
         known = item.get("masks")
-        known_rles = to_rles(known) if known is not None and len(known) else []
+        known_rles = encode_masks(known) if known is not None and len(known) else []
         if self.existing == "evaluate":
             scores = match_scores(rles, known_rles) if known is not None else None
             return ImageLabels(rles, extras, 0, n_generated, scores)
@@ -251,28 +252,4 @@ def autolabel(
     return report
 
 
-def load_model(model_cfg: Any, device: str = "cpu") -> Sam:
-    """Instantiate the `model` config group (with its checkpoint) on `device`, in eval mode."""
-    from hydra.utils import instantiate
-
-    return instantiate(model_cfg).to(device).eval()
-
-
-def autolabel_from_config(cfg: Any) -> AutolabelReport:
-    """Entry point of `sam-train autolabel` (configs/autolabel.yaml)."""
-    from hydra.utils import instantiate
-
-    torch.manual_seed(cfg.seed)
-    model = load_model(cfg.model, cfg.device)
-    labeler = AutoLabeler(model, **cfg.generator, existing=cfg.existing)
-    source = instantiate(cfg.source) if not isinstance(cfg.source, str) else cfg.source
-    report = autolabel(labeler, source, cfg.out_dir, image_format=cfg.image_format,
-                       max_samples_per_shard=cfg.shard_size)
-    text = report.format()
-    print(text)
-    log.info("wrote %s and %s", ", ".join(report.shards), Path(cfg.out_dir) / "stats.json")
-    return report
-
-
-__all__ = ["AutoLabeler", "AutolabelReport", "ImageLabels", "autolabel", "autolabel_from_config", "iter_images",
-           "load_model"]
+__all__ = ["AutoLabeler", "AutolabelReport", "ImageLabels", "autolabel", "iter_images"]

@@ -2,7 +2,7 @@
 matching against ground truth, and the semi-automatic merge of model proposals into existing labels.
 
 All functions take compressed RLEs ({"size": [H, W], "counts": str | bytes}) so large images with
-hundreds of masks stay small; `to_rles` converts bool masks.
+hundreds of masks stay small; `sam_train.data.rle.encode_masks` converts bool masks.
 """
 
 from __future__ import annotations
@@ -15,69 +15,52 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from sam_train.data.rle import decode_rle, encode_mask, rle_bytes
+
 Rle = dict[str, Any]
-
-
-def to_rles(masks: torch.Tensor | np.ndarray) -> list[Rle]:
-    """bool [N, H, W] -> N compressed RLEs with str counts (JSON-serialisable)."""
-    arr = masks.cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
-    if arr.ndim != 3:
-        raise ValueError(f"masks must be [N, H, W], got shape {arr.shape}")
-    if arr.shape[0] == 0:
-        return []
-    rles = mask_utils.encode(np.asfortranarray(arr.transpose(1, 2, 0).astype(np.uint8)))
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
 
 
 def from_rles(rles: Sequence[Rle], size: tuple[int, int]) -> torch.Tensor:
     """N RLEs -> bool [N, H, W] (an empty [0, H, W] tensor for no RLEs)."""
     if not rles:
         return torch.zeros(0, *size, dtype=torch.bool)
-    return torch.from_numpy(np.stack([mask_utils.decode(_bytes(r)) for r in rles]).astype(bool))
-
-
-def _bytes(rle: Rle) -> Rle:
-    """pycocotools wants bytes counts in some calls; ours are str for JSON."""
-    counts = rle["counts"]
-    return {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return torch.from_numpy(np.stack([decode_rle(r) for r in rles]))
 
 
 def areas(rles: Sequence[Rle]) -> np.ndarray:
     """[N] pixel counts."""
-    return np.asarray(mask_utils.area([_bytes(r) for r in rles]), dtype=np.int64) if rles else np.zeros(0, np.int64)
+    return np.asarray(mask_utils.area([rle_bytes(r) for r in rles]), dtype=np.int64) if rles else np.zeros(0, np.int64)
 
 
 def iou_matrix(a: Sequence[Rle], b: Sequence[Rle]) -> np.ndarray:
     """[len(a), len(b)] mask IoU (pycocotools; both empty -> 0)."""
     if not a or not b:
         return np.zeros((len(a), len(b)))
-    return np.asarray(mask_utils.iou([_bytes(r) for r in a], [_bytes(r) for r in b], [0] * len(b)), dtype=np.float64)
+    ious = mask_utils.iou([rle_bytes(r) for r in a], [rle_bytes(r) for r in b], [0] * len(b))
+    return np.asarray(ious, dtype=np.float64)
 
 
 def covered_fraction(rle: Rle, cover: Rle | None) -> float:
     """|rle n cover| / |rle|: how much of a mask is already claimed by `cover` (0 for no cover)."""
-    area = float(mask_utils.area(_bytes(rle)))
+    area = float(mask_utils.area(rle_bytes(rle)))
     if cover is None or area == 0:
         return 0.0
-    return float(mask_utils.area(mask_utils.merge([_bytes(rle), _bytes(cover)], intersect=True))) / area
+    return float(mask_utils.area(mask_utils.merge([rle_bytes(rle), rle_bytes(cover)], intersect=True))) / area
 
 
 def union(rles: Sequence[Rle]) -> Rle | None:
     """One RLE of the union of masks (None for no masks)."""
     if not rles:
         return None
-    return mask_utils.merge([_bytes(r) for r in rles], intersect=False)
+    return mask_utils.merge([rle_bytes(r) for r in rles], intersect=False)
 
 
 def subtract(rle: Rle, cover: Rle | None) -> Rle:
     """rle minus cover (pixels of `cover` removed), as a str-counts RLE."""
     if cover is None:
         return rle
-    h, w = rle["size"]
-    mask = mask_utils.decode(_bytes(rle)).astype(bool) & ~mask_utils.decode(_bytes(cover)).astype(bool)
-    return to_rles(mask[None])[0] if mask.any() else to_rles(np.zeros((1, h, w), bool))[0]
+    mask = decode_rle(rle) & ~decode_rle(cover)
+    return encode_mask(mask)
 
 
 def dedup(rles: Sequence[Rle], scores: Sequence[float], *, iou_thresh: float) -> list[int]:
@@ -145,7 +128,7 @@ def merge_proposals(
             continue
         if trim:
             rle = subtract(rle, claimed)
-        area = int(mask_utils.area(_bytes(rle)))
+        area = int(mask_utils.area(rle_bytes(rle)))
         if area < min_area:
             rejected[i] = f"area {area} < min_area {min_area}"
             continue

@@ -1,1 +1,2 @@
-"""Evaluation and inference: metrics, simulated clicks, the predictor, automatic masks, robustness."""
+"""Evaluation: metrics, the protocols (one class each), the loop that runs them once per batch, the report.
+Inference (predictor, automatic masks) is `sam_train.inference`."""

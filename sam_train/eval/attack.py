@@ -15,12 +15,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from sam_train.eval.predictor import SamPredictor
+from sam_train.inference.predictor import SamPredictor
+from sam_train.losses.functional import mask_iou
 from sam_train.models.resize import resize_longest_side
 from sam_train.models.sam import Sam
+from sam_train.prompts.boxes import masks_to_boxes
+from sam_train.prompts.points import center_points
 
 PIXEL_MAX = 255.0
 
@@ -94,55 +96,19 @@ def pgd_embedding_attack(
     return best.detach(), torch.stack(history).cpu()
 
 
-def _boxes(masks: torch.Tensor) -> torch.Tensor:
-    """[N, H, W] bool -> [N, 4] float (x0, y0, x1, y1) tight boxes (x1, y1 = last pixel inside)."""
-    ys, xs = masks.any(dim=2), masks.any(dim=1)
-    idx_y, idx_x = torch.arange(masks.shape[1]), torch.arange(masks.shape[2])
-    y0 = torch.where(ys, idx_y, masks.shape[1]).amin(1)
-    y1 = torch.where(ys, idx_y, -1).amax(1)
-    x0 = torch.where(xs, idx_x, masks.shape[2]).amin(1)
-    x1 = torch.where(xs, idx_x, -1).amax(1)
-    return torch.stack([x0, y0, x1, y1], dim=1).float()
-
-
-def _interior_points(masks: torch.Tensor) -> torch.Tensor:
-    """[N, H, W] bool -> [N, 2] (x, y) of a pixel deepest inside each mask (chessboard distance).
-
-    Erode until a mask would vanish and click the first pixel of its last non-empty erosion: a
-    deterministic "centre" click, so clean and attacked runs are prompted identically.
-    """
-    cur = masks[:, None].float()
-    last = cur.clone()
-    while cur.any():
-        alive = cur.flatten(1).any(1)
-        last[alive] = cur[alive]
-        # 3x3 erosion; outside the image counts as background, so border pixels erode first.
-        cur = -F.max_pool2d(-F.pad(cur, (1, 1, 1, 1), value=0.0), 3, stride=1)
-    flat = last.flatten(1).argmax(1)
-    w = masks.shape[2]
-    return torch.stack([flat % w, flat // w], dim=1).float()
-
-
-def _iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """[N, H, W] bool x [N, H, W] bool -> [N] IoU (1 when both are empty)."""
-    inter = (pred & target).flatten(1).sum(1).float()
-    union = (pred | target).flatten(1).sum(1).float()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-
-
 def _prompted_ious(predictor: SamPredictor, masks: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     """IoU per object for each prompt kind on the predictor's current image (masks at the original size)."""
     out = {}
     for kind in prompts:
         if kind == "point":
-            points = _interior_points(masks)[:, None]
+            points = center_points(masks)[0][:, None]  # [N, 1, 2]: the same click clean and attacked
             pred, iou_pred, _ = predictor.predict(points, torch.ones(len(masks), 1), multimask_output=True)
             pred = pred[torch.arange(len(masks)), iou_pred.argmax(1)]  # the mask SAM rates best
         elif kind == "box":
-            pred = predictor.predict(boxes=_boxes(masks), multimask_output=False)[0][:, 0]
+            pred = predictor.predict(boxes=masks_to_boxes(masks), multimask_output=False)[0][:, 0]
         else:
             raise ValueError(f"unknown prompt kind {kind!r}; expected 'point' or 'box'")
-        out[kind] = _iou(pred.cpu(), masks)
+        out[kind] = mask_iou(pred.cpu(), masks)
     return out
 
 
@@ -163,7 +129,7 @@ def robustness_report(
         samples: dataset samples (`image` uint8 [3, H, W], `masks` bool [N, H, W]); empty masks are skipped.
         eps_list: L-infinity budgets as fractions of the pixel range, e.g. (1/255, 2/255, 4/255).
         generator: random starts of the attack.
-        prompts: "point" (one click deepest inside the object, best of 3 masks) and/or "box" (tight box).
+        prompts: "point" (the centre click of `prompts.points.center_points`, best of 3 masks) and/or "box" (tight box).
         steps, step_size: PGD settings, see `pgd_embedding_attack`.
     Returns:
         {"clean": {prompt: mIoU}, "attacked": {eps: {prompt: mIoU}}, "embedding_distance": {eps: mean L2},

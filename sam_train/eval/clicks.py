@@ -23,35 +23,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
-from torchvision.ops import masks_to_boxes
 
 from sam_train.eval.metrics import dice, iou
+from sam_train.prompts.boxes import masks_to_boxes
+from sam_train.prompts.points import deepest_point, largest_component
 
 PredictFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _click_one(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, int]:
     """One [H, W] mask pair -> (x, y, label) of the next simulated click."""
-    best: tuple[int, int, np.ndarray, tuple[slice, ...]] | None = None  # (area, label, components, box)
+    best: tuple[int, int, np.ndarray, tuple[slice, ...]] | None = None  # (area, label, component, box)
     for error, label in ((gt & ~pred, 1), (pred & ~gt, 0)):
-        components, n = ndimage.label(error)
-        if n == 0:
-            continue
-        areas = np.bincount(components.ravel())[1:]
-        k = int(areas.argmax())
+        found = largest_component(error)
         # ties go to false negatives (checked first): adding missing object is the usual first need
-        if best is None or areas[k] > best[0]:
-            best = (int(areas[k]), label, components == k + 1, ndimage.find_objects(components)[k])
+        if found is not None and (best is None or found[0] > best[0]):
+            best = (found[0], label, found[1], found[2])
     if best is None:
         return 0, 0, -1
     _, label, region, box = best
-    # distance inside the component's bounding box, zero-padded: identical to the full-image
-    # transform with the image border as boundary, but only over the box
-    crop = np.pad(region[box], 1)
-    dist = ndimage.distance_transform_edt(crop)[1:-1, 1:-1]
-    y, x = np.unravel_index(int(dist.argmax()), dist.shape)
-    return int(x + box[1].start), int(y + box[0].start), label
+    x, y = deepest_point(region, box)
+    return x, y, label
 
 
 def next_click(pred: torch.Tensor | np.ndarray, gt: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +151,7 @@ def sam_med2d_protocol(
          "dice_per_object": {same keys: float [M]}}
     """
     gt = _check_gt(gt_masks)
-    boxes = masks_to_boxes(gt).float()  # [M, 4] x0 y0 x1 y1, inclusive pixel indices
+    boxes = masks_to_boxes(gt)  # [M, 4] x0 y0 x1 y1, inclusive pixel indices
     box_labels = torch.tensor([[2, 3]], dtype=torch.int64).expand(gt.shape[0], 2)
     pred_box, _ = _predict(predict_fn, boxes.view(-1, 2, 2), box_labels, None, gt)
     per_object = {"box": dice(pred_box, gt)}

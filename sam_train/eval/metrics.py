@@ -1,8 +1,8 @@
 """Segmentation metrics: Dice, IoU, normalised surface Dice (NSD) and HD95, per class and per case.
 
-Dice and IoU come from `torchmetrics.functional.segmentation`; NSD and HD95 from MONAI's
-`compute_surface_dice` / `compute_hausdorff_distance` with voxel spacing, so distances and the NSD
-tolerance are in millimetres (or pixels when the spacing is 1). Surfaces are MONAI's: foreground
+Dice comes from `torchmetrics.functional.segmentation`, IoU from `sam_train.losses.functional.mask_iou`;
+NSD and HD95 from MONAI's `compute_surface_dice` / `compute_hausdorff_distance` with voxel spacing, so
+distances and the NSD tolerance are in millimetres (or pixels when the spacing is 1). Surfaces are MONAI's: foreground
 voxels with a background face-neighbour (or on the array border). HD95 is MONAI's: the larger of the
 two directed 95th percentiles of surface-to-surface distances.
 
@@ -32,7 +32,9 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from torchmetrics.functional.segmentation import dice_score, mean_iou
+from torchmetrics.functional.segmentation import dice_score
+
+from sam_train.losses.functional import mask_iou
 
 METRICS = ("dice", "iou", "nsd", "hd95")
 
@@ -53,33 +55,35 @@ def _check_pair(pred: torch.Tensor, gt: torch.Tensor) -> None:
         raise ValueError(f"pred and gt must have the same shape, got {tuple(pred.shape)} and {tuple(gt.shape)}")
 
 
+def _check_masks(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p, g = _as_bool_tensor(pred, "pred"), _as_bool_tensor(gt, "gt")
+    _check_pair(p, g)
+    if p.ndim < 2:
+        raise ValueError(f"expected masks of shape [N, *spatial], got {tuple(p.shape)}")
+    return p, g
+
+
 def dice(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Dice of each mask pair. pred, gt: bool [N, *spatial] (2D or 3D masks) -> float [N].
 
     Add a leading axis for a single mask. Both empty -> 1 (module convention).
     """
-    return _overlap(pred, gt, "dice")
-
-
-def iou(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """IoU (Jaccard) of each mask pair. pred, gt: bool [N, *spatial] -> float [N]. Both empty -> 1."""
-    return _overlap(pred, gt, "iou")
-
-
-def _overlap(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor, kind: str) -> torch.Tensor:
-    p, g = _as_bool_tensor(pred, "pred"), _as_bool_tensor(gt, "gt")
-    _check_pair(p, g)
-    if p.ndim < 2:
-        raise ValueError(f"expected masks of shape [N, *spatial], got {tuple(p.shape)}")
+    p, g = _check_masks(pred, gt)
     # one-hot input with a single foreground channel: [N, 1, *spatial]
     p1, g1 = p[:, None].long(), g[:, None].long()
-    if kind == "dice":
-        value = dice_score(p1, g1, num_classes=1, include_background=True, average="none", input_format="one-hot")
-    else:
-        value = mean_iou(p1, g1, num_classes=1, include_background=True, per_class=True, input_format="one-hot")
+    value = dice_score(p1, g1, num_classes=1, include_background=True, average="none", input_format="one-hot")
     value = value[:, 0].float()
     both_empty = ~(p.flatten(1).any(1) | g.flatten(1).any(1))
     return torch.where(both_empty, torch.ones_like(value), value)
+
+
+def iou(pred: np.ndarray | torch.Tensor, gt: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """IoU (Jaccard) of each mask pair. pred, gt: bool [N, *spatial] (2D or 3D masks) -> float [N]. Both empty -> 1.
+
+    `sam_train.losses.functional.mask_iou` over each pair's flattened masks, after this module's checks.
+    """
+    p, g = _check_masks(pred, gt)
+    return mask_iou(p.reshape(len(p), 1, -1), g.reshape(len(g), 1, -1))
 
 
 def _spacing(spacing: Sequence[float] | float | None, ndim: int) -> list[float]:

@@ -26,21 +26,12 @@ import torch
 
 from sam_train.eval.clicks import next_click
 from sam_train.eval.metrics import dice
-from sam_train.models.prompt_encoder import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT
-from sam_train.models.resize import scale_coords
+from sam_train.eval.prompted import filled_boxes
+from sam_train.models.resize import preprocess_shape, scale_boxes, scale_coords
 from sam_train.models.sam import Sam
-from sam_train.prompts.boxes import masks_to_boxes
+from sam_train.prompts.boxes import box_corner_points, masks_to_boxes
 
 DEFAULT_CLICKS = (1, 3, 5)
-
-
-def filled_box_masks(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """[M, 4] inclusive pixel boxes -> bool [M, H, W] filled boxes."""
-    h, w = size
-    ys = torch.arange(h).view(1, h, 1)
-    xs = torch.arange(w).view(1, 1, w)
-    x0, y0, x1, y1 = (boxes[:, i].view(-1, 1, 1) for i in range(4))
-    return (xs >= x0) & (xs <= x1) & (ys >= y0) & (ys <= y1)
 
 
 @torch.no_grad()
@@ -67,11 +58,10 @@ def box_then_clicks(
         return {k: torch.zeros(0) for k in ["box", *(f"clicks_{k}" for k in clicks), "filled_box"]}
     device, s = embedding.device, model.img_size
     gt = masks.cpu()
-    boxes = masks_to_boxes(gt).float()  # [M, 4] inclusive pixel corners at the native size
-    out["filled_box"] = dice(filled_box_masks(boxes, (h, w)), gt)
-    corners = scale_coords(boxes.view(m, 2, 2), (h, w), s).to(device)
-    corner_labels = torch.tensor([BOX_TOP_LEFT, BOX_BOTTOM_RIGHT], device=device).expand(m, 2)
-    input_size = _input_size((h, w), s)
+    boxes = masks_to_boxes(gt)  # [M, 4] inclusive pixel corners at the native size
+    out["filled_box"] = dice(filled_boxes(boxes, (h, w)), gt)
+    corners, corner_labels = box_corner_points(scale_boxes(boxes, (h, w), s).to(device))
+    input_size = preprocess_shape(h, w, s)
     image_ids = torch.zeros(m, dtype=torch.long, device=device)
     emb = embedding[None]
     click_xy = torch.zeros(m, 0, 2, device=device)
@@ -93,12 +83,6 @@ def box_then_clicks(
             click_xy = torch.cat([click_xy, scale_coords(xy, (h, w), s).to(device)[:, None]], dim=1)
             click_lbl = torch.cat([click_lbl, lbl.to(device)[:, None]], dim=1)
     return {k: out[k] for k in ["box", *(f"clicks_{k}" for k in clicks), "filled_box"]}
-
-
-def _input_size(original: tuple[int, int], s: int) -> tuple[int, int]:
-    from sam_train.models.resize import preprocess_shape
-
-    return preprocess_shape(original[0], original[1], s)
 
 
 @dataclass

@@ -8,13 +8,14 @@ Points: green dots for positive clicks (label 1), red for negative (0); padding 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage
+
+from sam_train.io import safe_file_name
 
 _POSITIVE, _NEGATIVE, _BOX = (0, 220, 0), (230, 0, 0), (0, 230, 230)
 
@@ -114,10 +115,6 @@ def largest_slice(labels: np.ndarray | torch.Tensor, axis: int = 0) -> int:
     return int(fg.sum(axis=tuple(i for i in range(fg.ndim) if i != axis)).argmax())
 
 
-def _file_name(case_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "__", case_id).strip("_") or "case"
-
-
 def save_overlays(
     items: Iterable[Mapping], out_dir: str | Path, *, max_cases: int = 8, alpha: float = 0.45
 ) -> list[Path]:
@@ -141,7 +138,7 @@ def save_overlays(
             **{k: item.get(k) for k in ("pred", "gt", "points", "point_labels", "boxes")},
             alpha=alpha,
         )
-        path = out_dir / f"{_file_name(str(item['id']))}.png"
+        path = out_dir / f"{safe_file_name(str(item['id']))}.png"
         Image.fromarray(drawn.numpy().transpose(1, 2, 0)).save(path)
         paths.append(path)
     return paths

@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from sam_train.eval.clicks import next_click
-from sam_train.models.prompt_encoder import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT, PAD, POSITIVE
-from sam_train.models.sam import Sam
-from sam_train.prompts.boxes import masks_to_boxes
+from sam_train.models.prompt_encoder import PAD, POSITIVE
+from sam_train.models.sam import Sam, upsample_logits
+from sam_train.prompts.boxes import box_corner_points, masks_to_boxes
+from sam_train.prompts.points import center_points
 
 
 @dataclass
@@ -51,14 +50,13 @@ class OverlapAccumulator:
 def box_prompts(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tight boxes of [M, S, S] masks as labelled corner points: coords [M, 2, 2], labels [M, 2], boxes [M, 4]."""
     boxes = masks_to_boxes(masks)
-    labels = torch.tensor([BOX_TOP_LEFT, BOX_BOTTOM_RIGHT], device=masks.device).expand(len(boxes), 2)
-    return boxes.view(-1, 2, 2), labels, boxes
+    return (*box_corner_points(boxes), boxes)
 
 
 def center_point_prompts(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One positive point per mask at its most interior pixel (farthest from the boundary), plus padding."""
-    pts, _ = next_click(torch.zeros_like(masks), masks)  # the first click of the interactive protocol
-    pts = pts.to(masks.device)
+    """One positive point per mask, its centre click (`prompts.points.center_points`), plus padding:
+    coords [M, 2, 2], labels [M, 2]."""
+    pts = center_points(masks)[0].to(masks.device)
     coords = torch.stack([pts, torch.zeros_like(pts)], dim=1)
     labels = torch.tensor([POSITIVE, PAD], device=masks.device).expand(len(pts), 2)
     return coords, labels
@@ -77,16 +75,12 @@ def filled_boxes(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def predict_objects(
     model: Sam, batch: dict[str, Any], coords: torch.Tensor, labels: torch.Tensor, multimask: bool
 ) -> torch.Tensor:
-    """Masks [M, S, S] (model-input resolution) for prompts on every object of a collated batch."""
-    emb = batch["embeddings"] if "embeddings" in batch else model.encode(model.preprocess(batch["images"]))
-    low_res, iou = model.decode(emb, batch["image_ids"], coords, labels)
-    if multimask:  # ambiguous single point: keep the multimask output with the highest predicted IoU
-        best = iou[:, 1:].argmax(1) + 1
-    else:
-        best = torch.zeros(len(iou), dtype=torch.long, device=iou.device)
-    logits = low_res[torch.arange(len(best)), best][:, None]
-    s = model.img_size
-    return F.interpolate(logits, (s, s), mode="bilinear", align_corners=False)[:, 0] > model.mask_threshold
+    """Masks bool [M, S, S] (model-input resolution) for prompts on every object of a collated batch
+    (`Sam.predict_masks` on `Sam.batch_embeddings`; `multimask`: the best-rated multimask output, for an
+    ambiguous lone point)."""
+    emb = model.batch_embeddings(batch)
+    _, logits = model.predict_masks(emb, batch["image_ids"], coords, labels, multimask=multimask)
+    return logits > model.mask_threshold
 
 
 def valid_region(batch: dict[str, Any]) -> torch.Tensor:
@@ -115,8 +109,18 @@ class PromptedEvaluator:
         self.acc = {m: OverlapAccumulator() for m in self.modes}
 
     @torch.no_grad()
-    def update(self, model: Sam, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Score one batch (on the model's device); returns each mode's masks bool [M, S, S] (padding cleared)."""
+    def update(
+        self,
+        model: Sam,
+        batch: dict[str, Any],
+        *,
+        boxes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        box_logits: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Score one batch (on the model's device); returns each mode's masks bool [M, S, S] (padding cleared).
+
+        boxes / box_logits: the batch's `box_prompts` and their decoded single-mask logits [M, 1, h, w] when
+        the caller has them already (the evaluation decodes box prompts once per batch)."""
         gt = batch["masks"]
         if gt.shape[0] == 0:
             return {m: gt for m in self.modes}
@@ -124,10 +128,12 @@ class PromptedEvaluator:
         ids = batch["image_ids"].tolist()
         cases = [str(batch["meta"][i].get("case_id", batch["ids"][i])) for i in ids]
         classes = batch["class_ids"].tolist()
-        coords, labels, boxes = box_prompts(gt)
+        coords, labels, boxes = box_prompts(gt) if boxes is None else boxes
         preds = {}
         for mode in self.modes:
-            if mode == "box":
+            if mode == "box" and box_logits is not None:
+                pred = upsample_logits(box_logits, model.img_size) > model.mask_threshold
+            elif mode == "box":
                 pred = predict_objects(model, batch, coords, labels, multimask=False)
             elif mode == "point":
                 pred = predict_objects(model, batch, *center_point_prompts(gt), multimask=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +79,27 @@ def format_table(summary: Mapping[str, Any]) -> str:
         out += [line(["-" * w for w in widths]), line(body[-1])]
     out.append(f"({n_cases} cases; mean ± std over cases)")
     return "\n".join(out)
+
+
+def write_report(
+    sections: Iterable[Any], run_dir: Path, head: Mapping[str, Any], *, print_table: bool = True
+) -> dict[str, Any]:
+    """Assemble the protocols' sections (`sam_train.eval.protocols.Section`, None = nothing to report):
+    `<run_dir>/metrics.json` = head + every section's results + "summary" (their flat numbers), the
+    table lines in `<run_dir>/metrics_table.txt` and on stdout. Returns the metrics.json content."""
+    result: dict[str, Any] = dict(head)
+    flat: dict[str, float] = {}
+    lines: list[str] = []
+    for section in sections:
+        if section is None:
+            continue
+        result.update(section.results)
+        flat.update(section.summary)
+        lines += section.lines
+    result["summary"] = flat
+    write_metrics_json(result, run_dir / "metrics.json")
+    text = "\n".join(lines)
+    (run_dir / "metrics_table.txt").write_text(text + "\n")
+    if print_table:
+        print(text)
+    return result

@@ -4,20 +4,22 @@
   geometry (size, spacing, origin, direction), so it overlays the image in 3D Slicer / ITK-SNAP.
   Arrays are numpy z-y-x (SimpleITK's `GetArrayFromImage` order); SimpleITK's own spacing is x-y-z.
 - 2D data: PNG label images (uint8, or 16-bit when labels exceed 255) or a COCO results json with
-  RLE masks (`pycocotools.mask.encode`).
-- `assemble_case` stacks per-slice 2D predictions back into a case volume; `masks_to_label_map`
-  turns per-object masks with class ids into one label map.
+  compressed RLE masks (`sam_train.data.rle.encode_masks`).
+Label maps and volumes of per-object / per-slice predictions are built by `sam_train.data.label_maps`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from sam_train.data.label_maps import label_dtype
+from sam_train.data.rle import decode_segmentation, encode_masks
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
@@ -77,15 +79,6 @@ def case_id_of(path: str | Path) -> str:
     return Path(name).stem
 
 
-def _label_dtype(labels: np.ndarray, where: str) -> np.dtype:
-    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
-        raise ValueError(f"{where}: labels must be an integer array, got dtype {labels.dtype}")
-    if labels.size and labels.min() < 0:
-        raise ValueError(f"{where}: labels must be >= 0, got minimum {labels.min()}")
-    high = int(labels.max()) if labels.size else 0
-    return np.dtype(np.uint8 if high < 256 else np.uint16 if high < 65536 else np.uint32)
-
-
 def save_label_volume(labels: np.ndarray | torch.Tensor, reference_image: str | Path, out_path: str | Path) -> Path:
     """Write a label volume with the geometry of `reference_image` (any SimpleITK-readable file).
 
@@ -103,7 +96,7 @@ def save_label_volume(labels: np.ndarray | torch.Tensor, reference_image: str | 
             f"labels of shape {labels.shape} (z, y, x) do not match reference image {reference_image} "
             f"with array shape {ref.shape}"
         )
-    image = sitk.GetImageFromArray(labels.astype(_label_dtype(labels, str(out_path))))
+    image = sitk.GetImageFromArray(labels.astype(label_dtype(labels, str(out_path))))
     image.SetSpacing(ref.spacing)
     image.SetOrigin(ref.origin)
     image.SetDirection(ref.direction)
@@ -131,57 +124,6 @@ def load_label_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
     return array, _geometry(image)
 
 
-def assemble_case(
-    slices: Iterable[tuple[int, np.ndarray | torch.Tensor]], *, axis: int, shape: Sequence[int]
-) -> np.ndarray:
-    """Stack per-slice 2D label predictions into a case volume.
-
-    Args:
-        slices: (slice_index, label map [h, w]) pairs, in any order (from samples' `slice_index`).
-        axis: the volume axis the slices were cut along (the samples' `axis`).
-        shape: the volume's array shape; slices not given stay background (0).
-    Returns:
-        int array of `shape`.
-    """
-    shape = tuple(int(s) for s in shape)
-    if not 0 <= axis < len(shape):
-        raise ValueError(f"axis {axis} out of range for volume shape {shape}")
-    plane = shape[:axis] + shape[axis + 1 :]
-    volume: np.ndarray | None = None
-    seen: set[int] = set()
-    for index, labels in slices:
-        labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-        if labels.shape != plane:
-            raise ValueError(f"slice {index}: expected a label map of shape {plane}, got {labels.shape}")
-        if not 0 <= index < shape[axis]:
-            raise ValueError(f"slice index {index} out of range [0, {shape[axis]}) along axis {axis}")
-        if index in seen:
-            raise ValueError(f"slice {index} given twice")
-        seen.add(index)
-        if volume is None:
-            volume = np.zeros(shape, dtype=np.result_type(labels.dtype, np.uint8))
-        volume[(slice(None),) * axis + (index,)] = labels
-    return volume if volume is not None else np.zeros(shape, dtype=np.uint8)
-
-
-def masks_to_label_map(
-    masks: np.ndarray | torch.Tensor, class_ids: Sequence[int] | torch.Tensor, scores: Sequence[float] | None = None
-) -> np.ndarray:
-    """Per-object masks -> one label map. masks: bool [N, H, W]; class_ids: [N] (label value of each,
-    >= 1). Where masks overlap the higher-scoring object wins (or the later one when no scores)."""
-    masks = masks.cpu().numpy() if isinstance(masks, torch.Tensor) else np.asarray(masks)
-    ids = np.asarray(torch.as_tensor(class_ids).cpu()).astype(np.int64)
-    if masks.ndim != 3 or masks.dtype != bool or len(ids) != len(masks):
-        raise ValueError(f"need bool masks [N, H, W] and N class ids, got {masks.dtype}{masks.shape} and {len(ids)}")
-    if len(ids) and ids.min() < 1:
-        raise ValueError(f"class ids must be >= 1 (0 is background), got {ids.tolist()}")
-    order = np.argsort(np.asarray(scores), kind="stable") if scores is not None else np.arange(len(masks))
-    out = np.zeros(masks.shape[1:], dtype=_label_dtype(ids, "class_ids"))
-    for i in order:  # ascending: the best-scoring object is painted last
-        out[masks[i]] = ids[i]
-    return out
-
-
 def save_png_labels(labels: np.ndarray | torch.Tensor, path: str | Path) -> Path:
     """Write an int [H, W] label map as a PNG (8-bit, or 16-bit when labels exceed 255)."""
     from PIL import Image
@@ -189,7 +131,7 @@ def save_png_labels(labels: np.ndarray | torch.Tensor, path: str | Path) -> Path
     labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"{path}: a PNG label image needs a [H, W] label map, got shape {labels.shape}")
-    dtype = _label_dtype(labels, str(path))
+    dtype = label_dtype(labels, str(path))
     if dtype == np.uint32:
         raise ValueError(f"{path}: PNG holds labels up to 65535, got {labels.max()}")
     path = Path(path)
@@ -222,8 +164,6 @@ def save_coco_rle(
         category_ids: per image, [N_i] category ids (default 1).
         scores: per image, [N_i] confidences (default 1.0).
     """
-    from pycocotools import mask as mask_utils
-
     if len(masks) != len(image_ids):
         raise ValueError(f"got {len(masks)} mask stacks for {len(image_ids)} image ids")
     results = []
@@ -231,13 +171,12 @@ def save_coco_rle(
         m = image_masks.cpu().numpy() if isinstance(image_masks, torch.Tensor) else np.asarray(image_masks)
         if m.ndim != 3 or m.dtype != bool:
             raise ValueError(f"masks[{i}] (image {image_id}): expected bool [N, H, W], got {m.dtype}{m.shape}")
-        rles = mask_utils.encode(np.asfortranarray(m.transpose(1, 2, 0).astype(np.uint8)))
-        for j, rle in enumerate(rles):
+        for j, rle in enumerate(encode_masks(m)):
             results.append(
                 {
                     "image_id": image_id,
                     "category_id": int(category_ids[i][j]) if category_ids is not None else 1,
-                    "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
+                    "segmentation": rle,
                     "score": float(scores[i][j]) if scores is not None else 1.0,
                 }
             )
@@ -249,10 +188,8 @@ def save_coco_rle(
 
 def load_coco_rle(path: str | Path) -> list[dict]:
     """Read a COCO results json -> list of annotations, each with `mask` bool [H, W] decoded."""
-    from pycocotools import mask as mask_utils
-
     out = []
     for ann in json.loads(Path(path).read_text()):
-        rle = dict(ann["segmentation"], counts=ann["segmentation"]["counts"].encode("ascii"))
-        out.append(dict(ann, mask=mask_utils.decode(rle).astype(bool)))
+        seg = ann["segmentation"]
+        out.append(dict(ann, mask=decode_segmentation(seg, *seg["size"], f"{path} (image {ann.get('image_id')})")))
     return out

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from sam_train.data.label_maps import assemble_volume, masks_to_label_map
 from sam_train.eval.evaluate import evaluate_predictions
 from sam_train.eval.metrics import METRICS
-from sam_train.eval.saving import assemble_case, masks_to_label_map, save_label_volume
+from sam_train.eval.saving import save_label_volume
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class VolumeCollector:
         preds, gts, spacing, files = {}, {}, {}, {}
         for case_id in complete:
             _, gt, spacing[case_id] = load_case(self.cases[case_id], **self.dataset.load_kwargs)
-            preds[case_id] = assemble_case(self.slices[case_id].items(), axis=axis, shape=gt.shape)
+            preds[case_id] = assemble_volume(self.slices[case_id].items(), axis=axis, shape=gt.shape)
             gts[case_id] = gt
             if opts.get("save", True):
                 out = run_dir / "predictions" / f"{case_id}.nii.gz"

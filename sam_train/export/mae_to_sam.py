@@ -11,16 +11,12 @@ neck has its own norms). Windowed blocks reuse the global-attention weights unch
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from sam_train.errors import SamTrainError
-from sam_train.models.checkpoint import CheckpointError, read_checkpoint_file, save_sam_checkpoint
+from sam_train.models.checkpoint import CheckpointError, read_checkpoint_file, save_sam_checkpoint, strip_wrapper_names
 from sam_train.models.mae import timm_to_mae_state_dict
 from sam_train.models.pos_embed import interpolate_pos_embed_grid
 from sam_train.models.registry import build_sam
@@ -29,8 +25,7 @@ from sam_train.models.sam import Sam
 log = logging.getLogger(__name__)
 
 _ENCODER_PREFIX = "image_encoder."
-# Lightning (`model.`), DDP / FSDP (`module.`, `_forward_module.`) and torch.compile (`_orig_mod.`) wrappers.
-_WRAPPER_PREFIX = re.compile(r"^(?:model\.|module\.|_forward_module\.|_orig_mod\.)+")
+_LIGHTNING_PREFIX = "model."  # MaeModule's attribute holding the MAE
 
 
 def unwrap_mae_state_dict(obj: object, source: str = "MAE checkpoint") -> dict[str, torch.Tensor]:
@@ -46,7 +41,12 @@ def unwrap_mae_state_dict(obj: object, source: str = "MAE checkpoint") -> dict[s
                 break
     if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{source}: expected a state dict, or a dict with 'model' / 'state_dict'")
-    sd = {_WRAPPER_PREFIX.sub("", str(k)): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    # wrapper names (DDP / FSDP / Fabric / torch.compile: `strip_wrapper_names`), then Lightning's `model.`
+    sd = {
+        strip_wrapper_names(str(k)).removeprefix(_LIGHTNING_PREFIX): v
+        for k, v in obj.items()
+        if isinstance(v, torch.Tensor)
+    }
     sd = timm_to_mae_state_dict(sd)
     for key in ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.qkv.weight"):
         if key not in sd:
@@ -146,27 +146,3 @@ def export_mae_to_sam(
     sam = _sam_template(sam_name, img_size, seed, sam_overrides)
     sam.image_encoder.load_state_dict(_encoder_state_dict(mae_sd, sam, source), strict=True)
     return save_sam_checkpoint(sam, out_path)
-
-
-def export_from_config(cfg: DictConfig) -> Path:
-    """`sam-train export mae-to-sam checkpoint=... out=... sam_name=...` (configs/export_mae_to_sam.yaml)."""
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise SamTrainError(
-            f"missing required value(s) {', '.join(missing)}; e.g. checkpoint=runs/.../last.ckpt out=sam.pth"
-        )
-    node = cfg.get("overrides")
-    overrides: dict[str, Any] = {} if node is None else OmegaConf.to_container(node, resolve=True)  # type: ignore[assignment]
-    try:
-        out = export_mae_to_sam(
-            cfg.checkpoint, cfg.out, cfg.sam_name, cfg.get("img_size"), seed=cfg.get("seed", 0), **overrides
-        )
-    except FileNotFoundError as exc:
-        raise SamTrainError(f"checkpoint={cfg.checkpoint}: no such file") from exc
-    except (KeyError, TypeError) as exc:  # unknown sam_name / SamConfig field from the registry
-        raise SamTrainError(f"sam_name={cfg.sam_name} / overrides: {exc.args[0] if exc.args else exc}") from exc
-    size = f" img_size={cfg.img_size}" if cfg.get("img_size") else ""
-    log.info(
-        "wrote %s; fine-tune from it with: sam-train fit model=%s model.checkpoint=%s%s", out, cfg.sam_name, out, size
-    )
-    return out

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -14,17 +13,17 @@ import torch
 from torchvision.utils import make_grid
 
 from sam_train.data.image_only import IMAGENET_MEAN, IMAGENET_STD
-from sam_train.lit.sam_module import seed_global_rngs, step_seed
+from sam_train.models.checkpoint import strip_wrapper_names
 from sam_train.models.mae import MaskedAutoencoderViT
+from sam_train.optim.param_groups import no_decay_names
 from sam_train.optim.schedules import warmup_cosine_schedule
+from sam_train.seeding import derive_seed, seed_global_rngs
 
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 # MAE's optimiser: AdamW with beta2 0.95 (lr and weight decay are set per param group at build time).
 MAE_ADAMW: OptimizerFactory = partial(torch.optim.AdamW, betas=(0.9, 0.95))
-# Wrapper modules insert these into parameter names (FSDP, activation checkpointing, torch.compile).
-_WRAPPER_NAME = re.compile(r"(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 
 
 def reconstruction_grid(
@@ -109,18 +108,18 @@ class MaeModule(pl.LightningModule):
         self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
         self.seed = seed
         # Decided before any wrapping: FSDP flattens parameters, hiding their shapes from later code.
-        skip = model.no_weight_decay()
-        self.no_decay_names = {n for n, p in model.named_parameters() if p.ndim <= 1 or n in skip}
+        # MAE's rule: 1-D parameters and the model's no_weight_decay() names (no keyword / module rules).
+        self.no_decay_names = no_decay_names(model, keywords=(), modules=())
         self._last_image_step = -1
 
     # ------------------------------------------------------------------ steps
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:  # drop path: exact after a resume
-        seed_global_rngs(step_seed(self.seed, self.global_rank, 2, self.global_step, batch_idx))
+        seed_global_rngs(derive_seed(self.seed, self.global_rank, 2, self.global_step, batch_idx))
 
     def training_step(self, batch: torch.Tensor | Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         imgs = batch if isinstance(batch, torch.Tensor) else batch[0]  # (images, labels) from class folders
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(step_seed(self.seed, self.global_rank, self.global_step, batch_idx))
+        gen.manual_seed(derive_seed(self.seed, self.global_rank, self.global_step, batch_idx))
         loss, pred, mask = self.model(imgs, generator=gen)
         self.log("train/loss", loss, prog_bar=True, batch_size=imgs.shape[0])
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=imgs.shape[0])
@@ -170,7 +169,7 @@ class MaeModule(pl.LightningModule):
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
-                (no_decay if _WRAPPER_NAME.sub("", name) in self.no_decay_names else decay).append(p)
+                (no_decay if strip_wrapper_names(name) in self.no_decay_names else decay).append(p)
         return [
             {"params": decay, "weight_decay": self.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import random
 from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
@@ -17,6 +14,7 @@ from sam_train.losses.distributed import global_num_objects
 from sam_train.losses.sam_loss import SamLossConfig, sam_loss
 from sam_train.models.sam import Sam
 from sam_train.prompts.interactive import PromptSimulationConfig, simulate
+from sam_train.seeding import derive_seed, seed_global_rngs
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -26,24 +24,6 @@ ParamGroupsFactory = Callable[[nn.Module], list[dict[str, Any]]]
 def images_in_batch(batch: dict[str, Any]) -> int:
     """Images in a collated batch (for throughput logging)."""
     return len(batch["ids"])
-
-
-def step_seed(seed: int, *parts: int) -> int:
-    """A 63-bit seed derived from (seed, step, rank, ...): same inputs -> same prompts, on any process."""
-    digest = hashlib.blake2b(repr((seed,) + parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def seed_global_rngs(seed: int) -> None:
-    """Reseed torch's (CPU and CUDA), numpy's and Python's global generators.
-
-    Called with a step seed before every training batch: whatever draws from them during the step
-    (drop path, dropout, a library's augmentation) is then a pure function of the step, so a resumed run
-    repeats the uninterrupted run exactly, on every rank, without saving generator states.
-    """
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def optimizer_config(
@@ -110,19 +90,13 @@ class SamModule(pl.LightningModule):
         self.val_dice = nn.ModuleList(MeanMetric() for _ in self.report_iterations)
 
     # ------------------------------------------------------------------ helpers
-    def image_embeddings(self, batch: dict[str, Any]) -> torch.Tensor:
-        """[B, C, h, w]: cached embeddings when the batch carries them, else encode the images."""
-        if "embeddings" in batch:
-            return batch["embeddings"]
-        return self.model.encode(self.model.preprocess(batch["images"]))
-
     def generator(self, *parts: int) -> torch.Generator:
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(step_seed(self.seed, self.global_rank, *parts))
+        gen.manual_seed(derive_seed(self.seed, self.global_rank, *parts))
         return gen
 
     def run_prompts(self, batch: dict[str, Any], cfg: PromptSimulationConfig, gen: torch.Generator):
-        embeddings = self.image_embeddings(batch)
+        embeddings = self.model.batch_embeddings(batch)
         num_objects = global_num_objects(batch["masks"].shape[0], self.device)
 
         def loss_fn(low_res, iou_pred, gt, multimask):
@@ -142,7 +116,7 @@ class SamModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        seed_global_rngs(step_seed(self.seed, self.global_rank, 2, self.global_step, batch_idx))
+        seed_global_rngs(derive_seed(self.seed, self.global_rank, 2, self.global_step, batch_idx))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         result = self.run_prompts(batch, self.prompts, self.generator(0, self.global_step))

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import pickle
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +26,8 @@ import torch
 from torch import nn
 
 from sam_train.errors import SamTrainError
+from sam_train.io import atomic_save_safetensors, atomic_torch_save
+from sam_train.models.configs import SAM_CONFIGS, SamConfig, TinySamConfig
 
 PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 HF_MARKERS = ("vision_encoder.", "shared_image_embedding.")
@@ -115,7 +115,18 @@ def read_checkpoint_file(path: Path) -> object:
         ) from err
 
 
-_read_file = read_checkpoint_file  # older private name, used by sam_train.export.mae_to_sam
+# ----------------------------------------------------------------------------------- wrapper names
+# Names wrappers insert into parameter / state-dict keys: DDP (`module.`), Lightning Fabric
+# (`_forward_module.`), torch.compile (`_orig_mod.`), FSDP (`_fsdp_wrapped_module.`) and activation
+# checkpointing (`_checkpoint_wrapped_module.`).
+WRAPPER_NAMES = ("module", "_forward_module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+_WRAPPER_PART = re.compile(r"(?:(?<=\.)|^)(?:" + "|".join(WRAPPER_NAMES) + r")\.")
+
+
+def strip_wrapper_names(key: str) -> str:
+    """`key` without the components wrappers insert (see WRAPPER_NAMES), wherever they stand:
+    'module._orig_mod.image_encoder.x' -> 'image_encoder.x', 'model.module.' -> 'model.'."""
+    return _WRAPPER_PART.sub("", key)
 
 
 def _unwrap(obj: object, path: Path) -> tuple[Mapping[str, object], list[str]]:
@@ -234,10 +245,10 @@ def load_state_dict_any(path: str | Path) -> tuple[StateDict, str]:
         )
     in_container = bool(steps)
     if prefix:
-        if "module." in prefix:
+        if (bare := strip_wrapper_names(prefix)) != prefix:
             steps.append("ddp")
-        if prefix.replace("module.", ""):
-            steps.append(f"prefix={prefix.replace('module.', '')!r}")
+        if bare:
+            steps.append(f"prefix={bare!r}")
         # Inside a training container, other attributes (losses, teachers) are not SAM weights: drop them.
         # In a flat file, keep them so a strict load reports them as unexpected.
         tensors = {
@@ -291,8 +302,6 @@ def guess_sam_size(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     resolution). TinyViT: stem (1x1 = LiteMedSAM, 3x3 stride 2 = MobileSAM) and stage widths. None when
     nothing matches. Works on meta tensors (reads shapes only).
     """
-    from sam_train.models.registry import SAM_CONFIGS, SamConfig, TinySamConfig
-
     if VIT_STEM in state_dict:
         dim, depth, img_size = _vit_shape(state_dict)
         vits = {n: c for n, c in SAM_CONFIGS.items() if isinstance(c, SamConfig)}
@@ -408,18 +417,7 @@ def save_sam_checkpoint(model_or_state_dict: nn.Module | Mapping[str, torch.Tens
         )
     # safetensors refuses views sharing storage; contiguous CPU copies are what both formats want.
     sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.suffix == SAFETENSORS_SUFFIX:
-            from safetensors.torch import save_file
-
-            save_file(sd, tmp, metadata={"format": "pt", "layout": "segment_anything"})
-        else:
-            torch.save(sd, tmp)
-        os.replace(tmp, path)  # atomic on POSIX: readers never see a half-written checkpoint
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # atomic: readers never see a half-written checkpoint
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return atomic_save_safetensors(sd, path, metadata={"format": "pt", "layout": "segment_anything"})
+    return atomic_torch_save(sd, path)

@@ -12,11 +12,10 @@ def preprocess_shape(h: int, w: int, long_side: int) -> tuple[int, int]:
     return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
-def resize_longest_side(image: torch.Tensor, long_side: int) -> torch.Tensor:
-    """[..., C, H, W] image (uint8 or float) -> same dtype, longest side = long_side (antialiased bilinear)."""
-    h, w = image.shape[-2:]
-    size = preprocess_shape(h, w, long_side)
-    if size == (h, w):
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[..., C, H, W] image (uint8 or float) -> same dtype at `size` (h, w), antialiased bilinear (uint8 rounded)."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(image.shape[-2:]) == size:
         return image
     lead = image.shape[:-3]
     x = image.reshape(-1, *image.shape[-3:]).float()
@@ -26,16 +25,24 @@ def resize_longest_side(image: torch.Tensor, long_side: int) -> torch.Tensor:
     return x.to(image.dtype).reshape(*lead, image.shape[-3], *size)
 
 
+def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[..., H, W] bool masks -> bool masks at `size` (h, w), nearest (`nearest-exact`)."""
+    size = (int(size[0]), int(size[1]))
+    h, w = masks.shape[-2:]
+    if (h, w) == size:
+        return masks
+    x = F.interpolate(masks.reshape(-1, 1, h, w).float(), size, mode="nearest-exact")
+    return x.reshape(*masks.shape[:-2], *size) > 0.5
+
+
+def resize_longest_side(image: torch.Tensor, long_side: int) -> torch.Tensor:
+    """[..., C, H, W] image (uint8 or float) -> same dtype, longest side = long_side (antialiased bilinear)."""
+    return resize_image(image, preprocess_shape(*image.shape[-2:], long_side))
+
+
 def resize_masks_longest_side(masks: torch.Tensor, long_side: int) -> torch.Tensor:
     """[..., H, W] bool masks -> nearest-resized bool masks with longest side = long_side."""
-    h, w = masks.shape[-2:]
-    size = preprocess_shape(h, w, long_side)
-    if size == (h, w):
-        return masks
-    lead = masks.shape[:-2]
-    x = masks.reshape(-1, 1, h, w).float()
-    x = F.interpolate(x, size, mode="nearest-exact")
-    return x.reshape(*lead, *size) > 0.5
+    return resize_masks(masks, preprocess_shape(*masks.shape[-2:], long_side))
 
 
 def scale_coords(coords: torch.Tensor, original_size: tuple[int, int], long_side: int) -> torch.Tensor:

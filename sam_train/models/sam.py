@@ -18,6 +18,18 @@ PIXEL_STD = (58.395, 57.12, 57.375)
 PIXEL_NORMS = ("mean_std", "min_max")
 
 
+def best_mask_token(iou_pred: torch.Tensor, multimask: bool | torch.Tensor) -> torch.Tensor:
+    """[M] int64 mask token per object: where `multimask` (a bool or [M] bool), the multimask output
+    (tokens 1-3) with the highest predicted IoU, as for an ambiguous lone click; elsewhere token 0."""
+    best = iou_pred[:, 1:].detach().argmax(dim=1) + 1
+    return best * torch.as_tensor(multimask, device=iou_pred.device)
+
+
+def upsample_logits(low_res: torch.Tensor, size: int) -> torch.Tensor:
+    """[M, 1, 4h, 4w] low-res logits of one token -> [M, size, size] (bilinear, as SAM's postprocessing)."""
+    return F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
 class Sam(nn.Module):
     """Segment Anything. Submodule names and state-dict keys equal the official package's.
 
@@ -125,6 +137,34 @@ class Sam(nn.Module):
         return self.mask_decoder.predict_masks(
             image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense.to(sparse.dtype), image_ids
         )
+
+    def batch_embeddings(self, batch: dict[str, Any]) -> torch.Tensor:
+        """[B, C, h, w] image embeddings of a collated batch: its cached `embeddings` when it carries them,
+        else its `images` (0-255, resized) preprocessed and encoded."""
+        if "embeddings" in batch:
+            return batch["embeddings"]
+        return self.encode(self.preprocess(batch["images"]))
+
+    def predict_masks(
+        self,
+        image_embeddings: torch.Tensor,
+        image_ids: torch.Tensor,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        *,
+        multimask: bool | torch.Tensor,
+        mask_inputs: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode (see `decode`), keep one mask token per object (`best_mask_token`) and upsample it.
+
+        Returns:
+            the chosen low-res logits [M, 1, 4h, 4w] (to feed back as the next mask prompt) and their
+            logits upsampled to the model input, [M, S, S] (threshold at `mask_threshold`).
+        """
+        low_res, iou_pred = self.decode(image_embeddings, image_ids, point_coords, point_labels, mask_inputs)
+        token = best_mask_token(iou_pred, multimask)
+        chosen = low_res[torch.arange(len(token), device=low_res.device), token][:, None]
+        return chosen, upsample_logits(chosen, self.img_size)
 
     # ----------------------------------------------------------------- official-style forward
     def forward(self, batched_input: list[dict[str, Any]], multimask_output: bool) -> list[dict[str, torch.Tensor]]:

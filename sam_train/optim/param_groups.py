@@ -18,13 +18,21 @@ NO_DECAY_KEYWORDS = ("pos_embed", "rel_pos_h", "rel_pos_w", "positional_embeddin
 NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (nn.Embedding,)
 
 
-def _no_decay_names(model: nn.Module, keywords: tuple[str, ...]) -> set[str]:
+def no_decay_names(
+    model: nn.Module,
+    keywords: tuple[str, ...] = NO_DECAY_KEYWORDS,
+    modules: tuple[type[nn.Module], ...] = NO_DECAY_MODULES,
+) -> set[str]:
+    """Names of the parameters that get no weight decay: 1-D ones (biases and every norm's weight / bias:
+    LayerNorm, LayerNorm2d), those of `modules` (token tables), names containing one of `keywords`
+    (position tables) and the names the model's own `no_weight_decay()` lists (the timm / MAE convention).
+    """
+    own = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     names = set()
     for mod_name, module in model.named_modules():
         for p_name, p in module.named_parameters(recurse=False):
             full = f"{mod_name}.{p_name}" if mod_name else p_name
-            # ndim <= 1: biases and every norm's weight/bias (LayerNorm, LayerNorm2d).
-            if p.ndim <= 1 or isinstance(module, NO_DECAY_MODULES) or any(k in full for k in keywords):
+            if p.ndim <= 1 or isinstance(module, modules) or any(k in full for k in keywords) or full in own:
                 names.add(full)
     return names
 
@@ -66,7 +74,7 @@ def param_groups(
         groups with 'params', 'param_names', 'lr', 'weight_decay' and 'lr_scale' (schedulers that
         rescale lr per step should multiply by 'lr_scale'; LambdaLR already does via the initial lr).
     """
-    no_decay = _no_decay_names(model, tuple(no_decay_keywords))
+    no_decay = no_decay_names(model, tuple(no_decay_keywords))
     scales = _layer_scales(model, layer_decay) if layer_decay is not None else {}
     groups: dict[tuple[float, bool], dict[str, Any]] = {}
     for name, p in model.named_parameters():

@@ -21,6 +21,11 @@ def _warmup(step: int, warmup_steps: int) -> float | None:
     return (step + 1) / warmup_steps if step < warmup_steps else None
 
 
+def _progress(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Fraction of the post-warm-up steps done, 0 at the end of warm-up, 1 from total_steps on."""
+    return min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+
+
 def warmup_step_factor(step: int, *, warmup_steps: int, milestones: tuple[int, ...], gamma: float) -> float:
     """gamma ** (number of milestones <= step) after warm-up."""
     w = _warmup(step, warmup_steps)
@@ -32,7 +37,7 @@ def warmup_cosine_factor(step: int, *, warmup_steps: int, total_steps: int, min_
     w = _warmup(step, warmup_steps)
     if w is not None:
         return w
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    progress = _progress(step, warmup_steps, total_steps)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -41,7 +46,7 @@ def warmup_poly_factor(step: int, *, warmup_steps: int, total_steps: int, power:
     w = _warmup(step, warmup_steps)
     if w is not None:
         return w
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    progress = _progress(step, warmup_steps, total_steps)
     return (1.0 - progress) ** power
 
 

@@ -8,7 +8,6 @@ Boxes are float [M, 4] (x0, y0, x1, y1) in pixel indices, corners inclusive (as
 from __future__ import annotations
 
 import torch
-import torchvision
 
 from sam_train.models.prompt_encoder import BOX_BOTTOM_RIGHT, BOX_TOP_LEFT
 
@@ -16,10 +15,25 @@ ImageSize = tuple[int, int] | torch.Tensor
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """bool [M, H, W] -> float32 [M, 4] tight (x0, y0, x1, y1) boxes; empty masks give zeros."""
+    """bool [M, H, W] -> float32 [M, 4] tight (x0, y0, x1, y1) boxes, x1 / y1 the last pixel inside
+    (`torchvision.ops.masks_to_boxes`' and SAM's convention); empty masks give zeros, M = 0 a [0, 4] tensor.
+
+    Vectorised over masks (first / last occupied row and column), on the masks' device.
+    """
     if masks.dim() != 3:
         raise ValueError(f"masks must be [M, H, W], got shape {tuple(masks.shape)}")
-    return torchvision.ops.masks_to_boxes(masks.bool()).float()
+    masks = masks.bool()
+    if masks.shape[0] == 0:
+        return torch.zeros(0, 4, device=masks.device)
+    rows, cols = masks.any(dim=-1), masks.any(dim=-2)  # [M, H], [M, W]
+
+    def first_last(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(torch.uint8)
+        return x.argmax(dim=-1), x.shape[-1] - 1 - x.flip(-1).argmax(dim=-1)
+
+    (y0, y1), (x0, x1) = first_last(rows), first_last(cols)
+    boxes = torch.stack([x0, y0, x1, y1], dim=-1) * rows.any(dim=-1, keepdim=True)
+    return boxes.float()
 
 
 def clip_boxes(boxes: torch.Tensor, image_size: ImageSize) -> torch.Tensor:

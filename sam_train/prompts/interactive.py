@@ -9,7 +9,8 @@ so the batch never changes an object's result): point objects send their clicks 
 point; box objects send their corrective clicks then the two box corners (labels 2 and 3). Both
 have (number of prompts so far + 1) tokens, so one [M, K] tensor holds the whole batch.
 
-Random stream contract (replayed by `sam_train.prompts.reference`), all from `generator`:
+Random stream contract (replayed by the tests' per-object oracle, tests/prompt_reference.py), all from
+`generator`:
 1. the schedule (`iteration_schedule`: one randperm when mask-only iterations are random);
 2. `rand(M, float64)` -> box or point per object (box where u < box_probability);
 3. `rand(M, float64)` -> the first click of every object (used by point objects);
@@ -24,11 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sam_train.losses.functional import mask_iou
 from sam_train.models.prompt_encoder import PAD, POSITIVE
+from sam_train.models.sam import best_mask_token, upsample_logits
 from sam_train.prompts.boxes import box_corner_points, expand_boxes_uniform, jitter_boxes, masks_to_boxes
 from sam_train.prompts.points import draw_uniform, sample_error_points, sample_points
 
@@ -270,14 +271,12 @@ def simulate(
             total = out["loss"] if total is None else total + out["loss"]
             sel = out["selected"].to(device)
         else:
-            best_multi = iou_pred[:, 1:].detach().argmax(dim=1) + 1
-            sel = best_multi * torch.as_tensor(multimask, device=device)
+            sel = best_mask_token(iou_pred, multimask)
         chosen = torch.take_along_dim(low_res, sel[:, None, None, None], dim=1)  # [M, 1, 4h, 4w]
         chosen_iou = torch.take_along_dim(iou_pred, sel[:, None], dim=1)[:, 0]
         prev = chosen.detach()  # SAM: no gradient through the mask prompt
         with torch.no_grad():
-            up = F.interpolate(prev.float(), size=(s, s), mode="bilinear", align_corners=False)[:, 0]
-            pred_s = up > cfg.mask_threshold
+            pred_s = upsample_logits(prev.float(), s) > cfg.mask_threshold
             ious.append(mask_iou(pred_s, gt_masks))
         selected.append(sel)
         num_prompts.append(n_prompts)

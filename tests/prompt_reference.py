@@ -1,6 +1,6 @@
-"""Per-object reference of `simulate`: a plain Python loop, one object per decoder call.
+"""Test oracle: a per-object reference of `simulate`, a plain Python loop, one object per decoder call.
 
-Used by the tests (and benchmarks) to show that the batched loop gives the same prompts, masks
+Used by the tests to show that the batched loop gives the same prompts, masks
 and losses. It replays the random stream contract of `sam_train.prompts.interactive` with the
 same draws, but samples points, boxes and error regions with its own simple per-object code
 (`nonzero` lists instead of cumulative-sum searches) and builds each object's prompt as the

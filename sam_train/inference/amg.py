@@ -20,9 +20,11 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.ops import batched_nms, box_area
 
-from sam_train.eval.predictor import SamPredictor, image_to_tensor
+from sam_train.data.rle import decode_rle, encode_mask, encode_masks
+from sam_train.inference.predictor import SamPredictor, image_to_tensor
 from sam_train.models.resize import preprocess_shape
 from sam_train.models.sam import Sam
+from sam_train.prompts.boxes import masks_to_boxes
 
 OUTPUT_MODES = ("binary_mask", "coco_rle")
 
@@ -66,27 +68,6 @@ def stability_score(logits: torch.Tensor, threshold: float, offset: float) -> to
     return high / low
 
 
-def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
-    """[N, H, W] bool -> [N, 4] int64 (x0, y0, x1, y1) with x1, y1 the last pixel inside (SAM convention).
-
-    Empty masks get (0, 0, 0, 0).
-    """
-    if masks.shape[0] == 0:
-        return torch.zeros(0, 4, dtype=torch.int64, device=masks.device)
-    rows, cols = masks.any(dim=-1), masks.any(dim=-2)  # [N, H], [N, W]
-
-    def first_last(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.to(torch.uint8)
-        first = x.argmax(dim=-1)
-        last = x.shape[-1] - 1 - x.flip(-1).argmax(dim=-1)
-        return first, last
-
-    y0, y1 = first_last(rows)
-    x0, x1 = first_last(cols)
-    boxes = torch.stack([x0, y0, x1, y1], dim=-1)
-    return boxes * rows.any(dim=-1, keepdim=True)
-
-
 def box_near_crop_edge(
     boxes: torch.Tensor, crop_box: tuple[int, int, int, int], image_box: tuple[int, int, int, int], atol: float = 20.0
 ) -> torch.Tensor:
@@ -97,22 +78,6 @@ def box_near_crop_edge(
     near_crop = (boxes - crop).abs() <= atol
     near_image = (boxes - image).abs() <= atol
     return (near_crop & ~near_image).any(dim=-1)
-
-
-def encode_rle(masks: torch.Tensor) -> list[dict[str, Any]]:
-    """[N, H, W] bool -> COCO compressed RLEs with str counts (JSON-serialisable)."""
-    if masks.shape[0] == 0:
-        return []
-    arr = np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
-    rles = mask_utils.encode(arr)
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("utf-8")
-    return rles
-
-
-def decode_rle(rle: dict[str, Any]) -> np.ndarray:
-    """COCO RLE -> [H, W] bool."""
-    return mask_utils.decode(rle).astype(bool)
 
 
 def remove_small_regions(mask: np.ndarray, min_area: int) -> tuple[np.ndarray, bool]:
@@ -308,7 +273,7 @@ class AutomaticMaskGenerator:
             logits, iou, points, stability = logits[keep], iou[keep], points[keep.cpu()], stability[keep]
         masks = logits > threshold
         del logits
-        boxes = masks_to_boxes(masks)
+        boxes = masks_to_boxes(masks).long()  # int64 pixel indices, as the official batched_mask_to_box
 
         x0, y0, x1, y1 = crop_box
         h, w = int(image_size[0]), int(image_size[1])
@@ -323,7 +288,7 @@ class AutomaticMaskGenerator:
         # Paste crop masks into the full image before encoding.
         masks = torch.nn.functional.pad(masks, (x0, w - x1, y0, h - y1))
         return {
-            "rles": encode_rle(masks),
+            "rles": encode_masks(masks),
             "boxes": boxes.cpu(),
             "iou_preds": iou.float().cpu(),
             "stability_score": stability.float().cpu(),
@@ -340,11 +305,11 @@ class AutomaticMaskGenerator:
             masks.append(torch.from_numpy(mask))
             unchanged.append(float(not changed))
         stacked = torch.stack(masks)
-        boxes = masks_to_boxes(stacked)
+        boxes = masks_to_boxes(stacked).long()
         scores = torch.tensor(unchanged)
         keep = batched_nms(boxes.float(), scores, torch.zeros_like(scores), nms_thresh)
         for i in keep.tolist():
             if not unchanged[i]:
-                data["rles"][i] = encode_rle(stacked[i : i + 1])[0]
+                data["rles"][i] = encode_mask(stacked[i])
                 data["boxes"][i] = boxes[i]
         return _take(data, keep)
