@@ -64,13 +64,15 @@ wait_for() {  # wait_for DESCRIPTION COMMAND...: poll until COMMAND succeeds; fa
 }
 
 cd "$REPO"
-# CPU job: command-line sbatch options override the script's GPU directives. The periodic checkpoint
-# comes only at the last step (and fit's epoch-end one at step 64), so a checkpoint the rerun finds
-# was saved on the signal; the CSV logger writes every step, so the test sees training progress.
+# CPU job: command-line sbatch options override the script's GPU directives. The periodic and the
+# epoch-end checkpoints come only at the last step (an MNI MAE epoch is ~10 steps: on a loaded machine
+# the poll below can see step 2 after the first epoch ended), so a checkpoint the rerun finds was saved
+# on the signal; the CSV logger writes every step, so the test sees training progress.
 JOB=$(sbatch --parsable --job-name=sam-slurm-test --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 \
     --gpus-per-node=0 --time=15 --output="$OUT" "$SCRIPT" \
     "${OVERRIDES[@]}" "run_dir=$RUN_DIR" "trainer.max_steps=$STEPS" trainer.accelerator=cpu trainer.strategy=ddp \
     trainer.enable_progress_bar=false "callbacks.model_checkpoint.every_n_train_steps=$STEPS" \
+    "callbacks.epoch_checkpoint.every_n_epochs=$STEPS" \
     trainer.log_every_n_steps=1 +logger.csv.flush_logs_every_n_steps=1)
 log "submitted job $JOB ($SCRIPT: 2 tasks, $STEPS steps), output $OUT"
 
