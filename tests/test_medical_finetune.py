@@ -175,3 +175,16 @@ def test_cached_embeddings_inside_fit_vit_t(tmp_path):
     assert (tmp_path / "run" / "embeddings" / "train" / "cache.json").stat().st_mtime_ns == stamp
     with pytest.raises(SamTrainError, match="frozen image encoder"):
         fit(compose_fit(*base[:-1], "finetune=full", f"run_dir={tmp_path / 'full'}"))
+
+
+def test_cache_key_fingerprints_the_encoder_weights():
+    """A cache dir reused with other encoder weights must be encoded again: the key hashes the weights."""
+    from sam_train.data.cached import weights_fingerprint
+    from sam_train.models.registry import build_sam
+
+    encoder = build_sam("vit_t").image_encoder
+    first = weights_fingerprint(encoder)
+    assert weights_fingerprint(encoder) == first
+    with torch.no_grad():
+        next(encoder.parameters()).view(-1)[0] += 1e-3
+    assert weights_fingerprint(encoder) != first

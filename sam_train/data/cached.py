@@ -9,6 +9,7 @@ encoded once per view (as is, flipped), and the views are separate training samp
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -27,6 +28,15 @@ from sam_train.finetune.freeze import trainable_parameter_names
 
 log = logging.getLogger(__name__)
 VIEWS = ("none", "hflip", "vflip")
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """Short hash of a module's parameters and buffers: a cache encoded with other weights is not reused."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class AugmentedViews(Dataset):
@@ -71,7 +81,8 @@ class CachedEmbeddingDataModule(SamDataModule):
         train, val: image data sets (SampleDatasets with a deterministic SamTransform).
         views: augmentations each training image is encoded under ("none", "hflip", "vflip").
         cache_dir: where the shards go (default `<run dir>/embeddings/train`); a complete cache of the
-            same images, views and model there is reused (a resumed run does not encode again).
+            same images, views, encoder weights, dtype and precision there is reused (a resumed run does not
+            encode again); any other cache there is encoded anew.
         cache_dtype: storage of the embeddings (fp16 | bf16 | fp32).
         precision: encoder compute (fp32 | bf16 autocast).
         encode_batch_size: images encoded at once.
@@ -129,7 +140,8 @@ class CachedEmbeddingDataModule(SamDataModule):
             )
         out = self._cache_root()
         key = {"images": len(self.images), "views": list(self.views), "img_size": model.img_size,
-               "model": type(model.image_encoder).__name__}
+               "model": type(model.image_encoder).__name__, "weights": weights_fingerprint(model.image_encoder),
+               "dtype": self.cache_dtype, "precision": self.precision}
         strategy = self.trainer.strategy
         if strategy.is_global_zero and not self._complete(out, key):
             self._encode(model, out, key)

@@ -36,7 +36,7 @@ class ObjectsConfig:
     enabled: bool = False
     clicks: tuple[int, ...] = (1, 3, 5)
     min_area: int = 20
-    compare_initial: bool = False  # after fit: also score the weights training started from
+    compare_initial: bool = False  # after fit: also score the weights training started from (box, filled box)
 
 
 @dataclass(frozen=True)
