@@ -36,6 +36,7 @@ import torch
 
 from sam_train.data.medical import MedicalSliceDataset
 from sam_train.data.mni import prepare_mni_subcortical
+from sam_train.eval.loop import first_changed_unit
 from sam_train.eval.objects import box_then_clicks
 from sam_train.models import build_sam
 from sam_train.models.checkpoint import load_sam_weights, read_checkpoint_file
@@ -96,11 +97,6 @@ def model_input(image: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the one scoring protocol
-def same_encoder(a, b) -> bool:
-    sa, sb = a.image_encoder.state_dict(), b.image_encoder.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
 @torch.no_grad()
 def score(model, val: MedicalSliceDataset, *, clicks: int, max_images: int | None = None,
           embeddings: dict[int, torch.Tensor] | None = None) -> dict[str, float]:
@@ -271,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("(4) sam-train fit recipe=medical_finetune", flush=True)
     ckpt, seconds = run_sam_train(overrides, minutes, work)
     tuned = lite_medsam(ckpt)
-    reuse = shared if same_encoder(tuned, initial) else None  # the recipe's encoder is frozen: same embeddings
+    same = first_changed_unit(tuned.image_encoder, initial.image_encoder) is None
+    reuse = shared if same else None  # a frozen encoder: the same embeddings
     ours = score(tuned, val, clicks=args.clicks, max_images=max_images, embeddings=reuse)
     state = read_checkpoint_file(Path(ckpt))
     rows["sam_train"] = {"box_dice": ours["box_dice"], "clicks5_dice": ours["clicks_dice"], "train_s": seconds,

@@ -40,13 +40,16 @@ def embed_dataset(
     model_info: Mapping[str, Any] | None = None,
     progress: bool = True,
     deadline: float | None = None,
+    until_unit: int | None = None,
 ) -> list[Path]:
     """Encode every sample of `dataset` once (images [3, S, S] after SamTransform) into shards.
 
     Writes `out_dir/embeddings-000000.safetensors`, ... (`shard_size` images each, embeddings stored
     as `dtype`: "fp32" exact, "fp16" / "bf16" half the size); older shards in `out_dir` are removed.
     `precision="bf16"` encodes under bf16 autocast. `deadline` (a time.time() value): stop encoding after
-    the first batch that ends past it and keep what was encoded (a time-budgeted run). Returns the shard paths.
+    the first batch that ends past it and keep what was encoded (a time-budgeted run). `until_unit`: store
+    the image encoder's features entering that unit (`forward_until`) instead of the embeddings, for a
+    fine-tune that trains the encoder's later units (the shards record the unit). Returns the shard paths.
     """
     store = storage_dtype(dtype)
     if precision not in PRECISIONS:
@@ -59,6 +62,8 @@ def embed_dataset(
     model.eval()
     device = model.device
     info = {"img_size": model.img_size, **(model_info or {})}
+    if until_unit is not None:
+        info["encoder_unit"] = until_unit
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=list, pin_memory=device.type == "cuda")
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
@@ -84,7 +89,8 @@ def embed_dataset(
                                 f"config's transform (SamTransform img_size={model.img_size}), got {sorted(sizes)}")
         images = torch.stack([s["image"] for s in samples]).to(device, non_blocking=True)
         with autocast:
-            emb = model.encode(model.preprocess(images))
+            x = model.preprocess(images)
+            emb = model.encode(x) if until_unit is None else model.image_encoder.forward_until(x, until_unit)
         pending_emb.append(emb.to(store).cpu())
         pending.extend({k: v for k, v in s.items() if k != "image"} for s in samples)
         n_images += len(samples)

@@ -7,6 +7,7 @@ import json
 from collections import defaultdict
 
 import numpy as np
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -157,3 +158,31 @@ def test_box_prompts_are_decoded_once_per_batch(tiny_sam, tmp_path):
     assert len(calls) == 1  # toy_datamodule(2): one val batch of 2 images
     assert len(list((tmp_path / "predictions").glob("*.png"))) == 2
     assert set(result["summary"]) == {"eval/box/dice", "eval/box/iou", "eval/filled_box/dice", "eval/filled_box/iou"}
+
+
+@pytest.mark.parametrize("name", ["vit_t", "lite_medsam"])
+def test_initial_weights_are_scored_on_their_own_embeddings_when_the_encoder_trained(name, tiny_sam, tmp_path):
+    """compare_initial after an encoder fine-tune: the initial model's box Dice comes from its own image
+    encoder (identical to scoring it as the evaluated model), not from the trained model's embeddings; with
+    a trained TinyViT tail the frozen front runs once for both."""
+    import copy
+
+    from sam_train.eval.loop import first_changed_unit
+    from sam_train.models.registry import build_sam
+
+    model = tiny_sam if name == "vit_t" else build_sam("lite_medsam", pretrained=True, img_size=256).eval()
+    initial = copy.deepcopy(model)
+    assert first_changed_unit(model.image_encoder, initial.image_encoder) is None
+    with torch.no_grad():
+        for p in model.image_encoder.neck.parameters():
+            p.mul_(1.5).add_(0.05)  # "trained": other embeddings, same decoder
+    n_units = len(model.image_encoder.units()) if name == "lite_medsam" else 0
+    assert first_changed_unit(model.image_encoder, initial.image_encoder) == n_units  # the neck only
+    opts = {"modes": [], "num_overlays": 0, "objects": {"enabled": True, "clicks": [1], "min_area": 1}}
+    both = run_evaluation(model, toy_datamodule(2).val_dataloader(), opts, tmp_path / "a", initial=initial)
+    alone = run_evaluation(initial, toy_datamodule(2).val_dataloader(), opts, tmp_path / "b")
+    trained = run_evaluation(model, toy_datamodule(2).val_dataloader(), opts, tmp_path / "c")
+    start = both["objects"]["initial"]["overall"]
+    assert start["box"] == alone["objects"]["overall"]["box"] and start["n"] == alone["objects"]["overall"]["n"]
+    assert both["objects"]["overall"]["box"] == trained["objects"]["overall"]["box"]
+    assert start["box"] != trained["objects"]["overall"]["box"]  # the two encoders do differ

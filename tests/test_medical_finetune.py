@@ -33,7 +33,7 @@ def compose_fit(*overrides: str):
 def test_recipe_composes(recipe):
     cfg = compose_fit(f"recipe={recipe}", "data.train.root=/some/msd", "trainer.max_time=00:00:07:30")
     assert cfg.model.name == "lite_medsam" and cfg.model.pretrained
-    assert list(cfg.finetune.freeze) == ["image_encoder"]
+    assert list(cfg.finetune.freeze) == ["image_encoder"] and cfg.finetune.encoder_tail == 3  # + cached front
     assert cfg.data._target_ == "sam_train.data.cached.CachedEmbeddingDataModule"
     assert cfg.data.train.transform.hflip_p == 0.0 and list(cfg.data.views) == ["none"]  # flips: cached views
     assert cfg.callbacks.wall_clock.max_time == "00:00:07:30"  # the budget follows trainer.max_time
@@ -208,3 +208,28 @@ def test_cache_key_fingerprints_the_encoder_weights():
     with torch.no_grad():
         next(encoder.parameters()).view(-1)[0] += 1e-3
     assert weights_fingerprint(encoder) != first
+
+
+def test_encoder_tail_caches_features_and_trains_only_the_tail(tmp_path):
+    """finetune=encoder_tail: the cache holds the features entering the first trainable unit (the frozen
+    front runs once per image), each step runs the tail on them; after the fit the tail and neck changed,
+    the front did not."""
+    from sam_train.commands.fit import fit
+    from sam_train.data.embeddings import EmbeddingDataset, collate_embeddings
+    from sam_train.models.registry import build_sam
+
+    root = prepare_mni_subcortical(tmp_path / "sub", n_cases=3, slice_step=10)
+    run = tmp_path / "run"
+    fit(compose_fit("recipe=medical_finetune", "finetune=encoder_tail", "model.img_size=64", f"data.train.root={root}",
+                    "data.train.val_fraction=0.34", "trainer.max_steps=2", "~evaluate",
+                    "trainer.enable_progress_bar=false", "logger=csv", f"run_dir={run}"))
+    cache = run / "embeddings" / "train"
+    assert json.loads((cache / "cache.json").read_text())["key"]["encoder_unit"] == 13  # layers.2.downsample
+    batch = collate_embeddings([EmbeddingDataset(root=cache)[i] for i in range(2)])
+    assert batch["encoder_unit"] == 13 and batch["features"].shape == (2, 160, 16, 16) and "embeddings" not in batch
+    initial = build_sam("lite_medsam", pretrained=True, img_size=64).image_encoder.state_dict()
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    prefix = "model.image_encoder."
+    changed = {k.removeprefix(prefix) for k, v in state.items()
+               if k.startswith(prefix) and not torch.equal(v, initial[k.removeprefix(prefix)])}
+    assert changed and all(k.startswith(("layers.2.downsample.", "layers.3.", "neck.")) for k in changed), changed

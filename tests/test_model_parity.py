@@ -97,3 +97,17 @@ def test_batched_decode_equals_official_prompt_encoding(tiny_sam):
         labels = torch.cat([lbl, torch.tensor([[2, 3], [2, 3]])], dim=1)
         m, i = model.decode(emb, torch.zeros(2, dtype=torch.long), coords, labels)
     assert torch.allclose(m, m_ref, atol=TOL) and torch.allclose(i, i_ref, atol=TOL)
+
+
+def test_vit_split_forward_equals_forward_at_every_unit(gen):
+    """SAM's ViT splits like TinyViT: patch embedding (+ position embedding), then one unit per block."""
+    from sam_train.models.registry import build_sam
+
+    encoder = build_sam("vit_t").image_encoder.eval()
+    x = torch.randn(1, 3, encoder.img_size, encoder.img_size, generator=gen)
+    with torch.no_grad():
+        full = encoder(x)
+        for k in range(len(encoder.units()) + 1):
+            assert torch.equal(encoder.forward_from(encoder.forward_until(x, k), k), full), k
+    order = [encoder.unit_of(name) for name, _ in encoder.named_parameters()]
+    assert order == sorted(order) and order[-1] == len(encoder.units()) == encoder.depth + 1

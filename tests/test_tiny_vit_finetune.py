@@ -122,3 +122,46 @@ def test_frozen_encoder_keeps_weights_and_bn_statistics(gen):
     _train(model, _batch(gen))
     after = model.image_encoder.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_split_forward_equals_forward_at_every_unit(gen):
+    """forward_from(forward_until(x, k), k) is the encoder at every split point; parameters map to units in
+    forward order, the neck after the last unit."""
+    encoder = _model().image_encoder.eval()
+    x = torch.randn(2, 3, SIZE, SIZE, generator=gen)
+    units = encoder.units()
+    with torch.no_grad():
+        full = encoder(x)
+        for k in range(len(units) + 1):
+            assert torch.equal(encoder.forward_from(encoder.forward_until(x, k), k), full), k
+    order = [encoder.unit_of(name) for name, _ in encoder.named_parameters()]
+    assert order == sorted(order) and order[0] == 0 and order[-1] == len(units)
+    assert [p for p, _ in units[-3:]] == ["layers.2.downsample", "layers.3.blocks.0", "layers.3.blocks.1"]
+
+
+def test_encoder_tail_trains_only_the_tail(gen):
+    """finetune=encoder_tail: the last units + neck of the frozen encoder train, the front stays bit-identical."""
+    import pytest
+
+    model = apply_finetune(_model(), freeze=["image_encoder"], encoder_tail=3)
+    encoder = model.image_encoder
+    n = len(encoder.units())
+    trainable = {name for name, p in encoder.named_parameters() if p.requires_grad}
+    assert trainable == {name for name, _ in encoder.named_parameters() if encoder.unit_of(name) >= n - 3}
+    assert any(t.startswith("neck.") for t in trainable) and any(t.startswith("layers.3.") for t in trainable)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    _train(model, _batch(gen))
+    changed = {name.removeprefix("image_encoder.") for name in _changed(before, model)
+               if name.startswith("image_encoder.")}
+    assert changed and changed <= trainable
+    with pytest.raises(ValueError, match="encoder_tail needs freeze"):
+        apply_finetune(_model(), freeze=["prompt_encoder"], encoder_tail=3)
+    with pytest.raises(ValueError, match=r"encoder_tail must be in \[0, 16\]"):
+        apply_finetune(_model(), freeze=["image_encoder"], encoder_tail=17)
+    vit = apply_finetune(build_sam("vit_t"), freeze=["image_encoder"], encoder_tail=1)  # SAM's ViT splits too
+    assert {n for n, p in vit.image_encoder.named_parameters() if p.requires_grad} == {
+        n for n in vit.image_encoder.state_dict() if n.startswith(("blocks.3.", "neck."))}
+    other = _model()
+    other.image_encoder = torch.nn.Conv2d(3, 256, 4, 4)  # an encoder without units
+    with pytest.raises(ValueError, match="no unit split"):
+        apply_finetune(other, freeze=["image_encoder"], encoder_tail=1)

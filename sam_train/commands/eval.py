@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -46,16 +45,9 @@ def load_eval_model(cfg: DictConfig) -> Sam:
     return build_model(cfg, require_weights=True)
 
 
-def initial_model(cfg: DictConfig, model: Sam) -> Sam | None:
-    """The model the fit started from (cfg.model as configured), when its image encoder equals the trained
-    model's (frozen-encoder fine-tuning: both share the val embeddings); None otherwise."""
-    initial = instantiate(cfg.model).to(model.device)
-    trained = model.image_encoder.state_dict()
-    for k, v in initial.image_encoder.state_dict().items():
-        if k not in trained or trained[k].shape != v.shape or not torch.equal(trained[k], v):
-            log.info("evaluate.objects.compare_initial: the image encoder was trained; initial weights not scored")
-            return None
-    return initial
+def initial_model(cfg: DictConfig, model: Sam) -> Sam:
+    """The model the fit started from (cfg.model as configured), on the trained model's device."""
+    return instantiate(cfg.model).to(model.device)
 
 
 def evaluate_after_fit(cfg: DictConfig, model: Sam, datamodule: Any, run_dir: Path) -> dict[str, float]:

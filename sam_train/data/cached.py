@@ -1,5 +1,7 @@
 """Decoder training on embeddings cached inside `fit`: encode the training images once, then train the
 prompt encoder + mask decoder for as many steps as the budget allows without running the encoder again.
+With the encoder's last units trainable (finetune=encoder_tail) the cache holds the features entering the
+first trainable unit, and each step runs only the encoder's tail on them.
 
 `sam-train embed` + `data=embeddings` do the same in two commands; `CachedEmbeddingDataModule` does it in
 one, inside the fit (and inside its wall-clock budget, `sam_train.wall_clock.WallClockBudget`), on the
@@ -13,7 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,13 @@ log = logging.getLogger(__name__)
 VIEWS = ("none", "hflip", "vflip")
 
 
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """Short hash of a module's parameters and buffers: a cache encoded with other weights is not reused."""
+def weights_fingerprint(module: torch.nn.Module, keep: Callable[[str], bool] | None = None) -> str:
+    """Short hash of a module's parameters and buffers (those whose name `keep` accepts): a cache encoded
+    with other weights is not reused."""
     digest = hashlib.blake2b(digest_size=8)
     for name, tensor in module.state_dict().items():
+        if keep is not None and not keep(name):
+            continue
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -74,8 +79,9 @@ class AugmentedViews(Dataset):
 class CachedEmbeddingDataModule(SamDataModule):
     """SamDataModule that replaces its training images by cached image embeddings in `setup("fit")`.
 
-    The model's image encoder must be frozen (finetune=decoder_only). Validation and evaluation read the
-    images (`val`) as usual.
+    The model's image encoder must be frozen (finetune=decoder_only) or train only a tail of its units
+    (finetune=encoder_tail: the cache then holds the features entering the first trainable unit).
+    Validation and evaluation read the images (`val`) as usual.
 
     Args:
         train, val: image data sets (SampleDatasets with a deterministic SamTransform).
@@ -132,15 +138,12 @@ class CachedEmbeddingDataModule(SamDataModule):
         if self.trainer is None:
             raise SamTrainError("CachedEmbeddingDataModule encodes with the model being trained: use it in fit")
         model = self.trainer.lightning_module.model
-        trainable = trainable_parameter_names(model.image_encoder)
-        if trainable:
-            raise SamTrainError(
-                f"cached embeddings need a frozen image encoder (finetune=decoder_only), but {len(trainable)} "
-                f"encoder parameters train (e.g. {trainable[0]})"
-            )
+        unit = self.first_trainable_unit(model.image_encoder)
+        frozen = None if unit is None else (lambda name: model.image_encoder.unit_of(name) < unit)
         out = self._cache_root()
         key = {"images": len(self.images), "views": list(self.views), "img_size": model.img_size,
-               "model": type(model.image_encoder).__name__, "weights": weights_fingerprint(model.image_encoder),
+               "model": type(model.image_encoder).__name__, "encoder_unit": unit,
+               "weights": weights_fingerprint(model.image_encoder, frozen),
                "dtype": self.cache_dtype, "precision": self.precision}
         strategy = self.trainer.strategy
         if strategy.is_global_zero and not self._complete(out, key):
@@ -148,6 +151,22 @@ class CachedEmbeddingDataModule(SamDataModule):
         strategy.barrier("cached_embeddings")
         self.train = EmbeddingDataset(root=out, img_size=model.img_size, dtype="fp32",
                                       max_objects=self.max_objects, seed=self.seed)
+
+    @staticmethod
+    def first_trainable_unit(encoder: torch.nn.Module) -> int | None:
+        """None for a frozen encoder (cache its embeddings), else the first unit with a trainable parameter
+        (cache the features entering it); raises when the encoder cannot be split there."""
+        trainable = trainable_parameter_names(encoder)
+        if not trainable:
+            return None
+        unit = min(encoder.unit_of(name) for name in trainable) if hasattr(encoder, "unit_of") else 0
+        if unit == 0:
+            first = min(trainable, key=encoder.unit_of) if hasattr(encoder, "unit_of") else trainable[0]
+            raise SamTrainError(
+                f"cached embeddings need a frozen image encoder (finetune=decoder_only) or a frozen front of it "
+                f"(finetune=encoder_tail), but {type(encoder).__name__} trains from its first unit on (e.g. {first})"
+            )
+        return unit
 
     @staticmethod
     def _complete(out: Path, key: dict[str, Any]) -> bool:
@@ -174,7 +193,7 @@ class CachedEmbeddingDataModule(SamDataModule):
             paths = embed_dataset(
                 model, Subset(views, order), out, batch_size=self.encode_batch_size, shard_size=1000,
                 dtype=self.cache_dtype, precision=self.precision, progress=False, deadline=deadline,
-                model_info={"name": key["model"], "views": list(self.views)},
+                model_info={"name": key["model"], "views": list(self.views)}, until_unit=key["encoder_unit"],
             )
         finally:
             model.train(was_training)

@@ -12,7 +12,8 @@ embeddings are computed once. One shard is one safetensors file (no pickle, load
 | `class_ids` | int64 [N] | class of each mask (-1 unknown) |
 | `input_sizes`, `original_sizes` | int64 [n, 2] | (h, w) before padding, (H, W) of the original |
 
-Header metadata (strings): `format`, `img_size` (S), `model` (json: name, checkpoint), `ids` and
+Header metadata (strings): `format`, `img_size` (S), `model` (json: name, checkpoint; `encoder_unit` k when
+the rows are the encoder's features entering unit k, not its embeddings: `TinyViT.forward_until`), `ids` and
 `meta` (json lists, parsed once per shard and process, never per sample).
 """
 
@@ -135,7 +136,9 @@ class _Shard:
 
     def sample(self, row: int) -> dict[str, Any]:
         lo, hi = self.object_offsets[row], self.object_offsets[row + 1]
+        unit = self.model.get("encoder_unit")
         return {
+            **({} if unit is None else {"encoder_unit": int(unit)}),
             "embedding": self.embeddings[row : row + 1][0],
             "masks": self.masks(row),
             "class_ids": self.class_ids[lo:hi],
@@ -241,9 +244,16 @@ class EmbeddingDataset(torch.utils.data.Dataset):
 
 def collate_embeddings(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """EmbeddingDataset samples -> decoder-only batch: the `collate_sam` format with `embeddings`
-    float [B, C, h, w] in place of `images` (docs/architecture.md)."""
+    float [B, C, h, w] in place of `images` (docs/architecture.md); shards of intermediate features give
+    `features` [B, C_k, h_k, w_k] and `encoder_unit` k instead (`Sam.batch_embeddings` runs the rest)."""
     embeddings = stack_per_image(samples, "embedding", "collate_embeddings")
-    return {"embeddings": embeddings, **collate_objects(samples)}
+    units = {s.get("encoder_unit") for s in samples}
+    if len(units) > 1:
+        raise DataError(f"collate_embeddings: samples from shards of different encoder units {sorted(map(str, units))}")
+    unit = units.pop()
+    if unit is None:
+        return {"embeddings": embeddings, **collate_objects(samples)}
+    return {"features": embeddings, "encoder_unit": unit, **collate_objects(samples)}
 
 
 class EmbeddingDataModule(SamDataModule):

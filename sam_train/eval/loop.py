@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from sam_train.errors import SamTrainError
 from sam_train.eval.config import EvalConfig
 from sam_train.eval.prompted import to_device
 from sam_train.eval.protocols import (
@@ -40,6 +41,19 @@ from sam_train.eval.protocols import (
 from sam_train.eval.report import write_report
 from sam_train.eval.volumes import VolumeCollector
 from sam_train.models.sam import Sam
+
+
+def first_changed_unit(encoder: torch.nn.Module, other: torch.nn.Module) -> int | None:
+    """None when two image encoders of one architecture hold identical weights, else the first unit
+    (`TinyViT.units`) whose weights differ: the units before it give both the same features (0 for an
+    encoder without units)."""
+    a, b = encoder.state_dict(), other.state_dict()
+    if a.keys() != b.keys():
+        return 0
+    changed = [k for k in a if a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]
+    if not changed:
+        return None
+    return min(encoder.unit_of(k) for k in changed) if hasattr(encoder, "unit_of") else 0
 
 
 def build_protocols(
@@ -79,15 +93,33 @@ class Evaluation:
     ) -> None:
         self.model, self.config = model, EvalConfig.from_dict(config)
         self.protocols = build_protocols(model, self.config, dataset=dataset, initial=initial)
+        self.initial = initial if any(getattr(p, "initial", None) is not None for p in self.protocols) else None
+        # where the two encoders start to differ: the frozen front before it is run once for both
+        self.front = None if self.initial is None else first_changed_unit(model.image_encoder, initial.image_encoder)
         self.num_images = self.num_objects = 0
+
+    def embed(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The batch's embeddings [B, C, h, w] (the caller's, or encoded here once) and, when the initial
+        weights are scored, theirs (the same tensor for an unchanged encoder)."""
+        model, initial, k = self.model, self.initial, self.front
+        if initial is None or k is None:
+            embeddings = model.batch_embeddings(batch)
+            return embeddings, None if initial is None else embeddings
+        if "images" not in batch:
+            raise SamTrainError("evaluate.objects.compare_initial: scoring the initial weights of a trained image "
+                                "encoder needs the val images, but the batches carry only embeddings")
+        if k == 0:
+            return model.batch_embeddings(batch), initial.batch_embeddings(batch)
+        features = model.image_encoder.forward_until(model.preprocess(batch["images"]), k)
+        return model.image_encoder.forward_from(features, k), initial.image_encoder.forward_from(features, k)
 
     @torch.no_grad()
     def update(self, batch: dict[str, Any], run_dir: Path) -> None:
         """One collated val batch (its `embeddings` when the caller encoded it already)."""
         model = self.model
         batch = to_device(batch, model.device)
-        batch["embeddings"] = model.batch_embeddings(batch)  # the caller's, or encoded here once
-        shared = EvalBatch(model, batch, self.num_images, run_dir)
+        batch["embeddings"], initial_embeddings = self.embed(batch)
+        shared = EvalBatch(model, batch, self.num_images, run_dir, initial_embeddings)
         self.num_images += shared.num_images
         self.num_objects += shared.num_objects
         for protocol in self.protocols:
@@ -110,8 +142,8 @@ def run_evaluation(
     initial: Sam | None = None,
 ) -> dict[str, Any]:
     """Evaluate `model` on `batches` (collated val batches) with the given options; see the module docstring.
-    `initial`: the weights training started from, scored by the object protocol on the same embeddings
-    (its image encoder must equal the model's: a frozen-encoder fine-tune)."""
+    `initial`: the weights training started from, scored by the object protocol (on the same embeddings when
+    its image encoder equals the model's, as after a frozen-encoder fine-tune)."""
     config = EvalConfig.from_dict(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training

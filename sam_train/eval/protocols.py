@@ -84,14 +84,18 @@ class OriginalSizeMasks:
 
 
 class EvalBatch:
-    """One val batch (on the model's device, embeddings included) and the work its protocols share."""
+    """One val batch (on the model's device, embeddings included) and the work its protocols share;
+    `initial_embeddings`: the batch's embeddings under the weights a fine-tune started from, if scored."""
 
-    def __init__(self, model: Sam, batch: dict[str, Any], first_index: int, run_dir: Path) -> None:
+    def __init__(self, model: Sam, batch: dict[str, Any], first_index: int, run_dir: Path,
+                 initial_embeddings: torch.Tensor | None = None) -> None:
         self.model, self.batch, self.first_index, self.run_dir = model, batch, first_index, run_dir
+        self.initial_embeddings = initial_embeddings
         self.prompted: dict[str, torch.Tensor] = {}  # set by PromptedDice: each mode's masks [M, S, S]
         self._cache: dict[str, Any] = {}
 
-    def _once(self, key: str, make: Callable[[], Any]) -> Any:
+    def once(self, key: str, make: Callable[[], Any]) -> Any:
+        """make(), computed once per batch under `key` (work that several protocols share)."""
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
@@ -106,7 +110,7 @@ class EvalBatch:
 
     def boxes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Tight box prompts of the ground-truth objects: coords [M, 2, 2], labels [M, 2], boxes [M, 4]."""
-        return self._once("boxes", lambda: box_prompts(self.batch["masks"]))
+        return self.once("boxes", lambda: box_prompts(self.batch["masks"]))
 
     def box_logits(self) -> torch.Tensor:
         """Low-res single-mask logits [M, 1, h, w] of the box prompts: the batch's one box decode."""
@@ -116,7 +120,7 @@ class EvalBatch:
             low, _ = self.model.decode(self.batch["embeddings"], self.batch["image_ids"], coords, labels)
             return low[:, :1]
 
-        return self._once("box_logits", decode)
+        return self.once("box_logits", decode)
 
     def original_size_masks(self) -> list[OriginalSizeMasks]:
         """Box predictions at each image's original size."""
@@ -136,7 +140,7 @@ class EvalBatch:
                 out.append(OriginalSizeMasks(image_id, batch["meta"][b], masks, batch["class_ids"][sel].cpu()))
             return out
 
-        return self._once("original_size", make)
+        return self.once("original_size", make)
 
     def click_targets(self):
         """(predict_fn, gt bool [K, S, S] on the CPU) for the batch's non-empty objects; None without any."""
@@ -149,7 +153,7 @@ class EvalBatch:
             valid = valid_region(self.batch)[keep]
             return click_predict_fn(self.model, self.batch["embeddings"], ids[keep], valid), gt[keep].cpu()
 
-        return self._once("click_targets", make)
+        return self.once("click_targets", make)
 
     def image_crops(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Image b's content crop (uint8 [3, h, w]), its objects' masks [N, h, w] and their indices in the batch."""
@@ -281,8 +285,9 @@ class SamMed2dPoints(Protocol):
 
 class ObjectDice(Protocol):
     """Per object at the native resolution: tight box, then correction clicks on top of it, filled box;
-    optionally box and filled box for `initial` (the weights a frozen-encoder fine-tune started from: its
-    clicks are not scored, they would double the evaluation after every fit; the benchmark scores them)."""
+    optionally box and filled box for `initial` (the weights the fine-tune started from, on the batch's
+    `initial_embeddings`: its clicks are not scored, they would double the evaluation after every fit;
+    the benchmark scores them)."""
 
     def __init__(self, config: ObjectsConfig, names: Mapping[int, str], *, dataset: Any = None,
                  initial: Sam | None = None) -> None:
@@ -313,9 +318,10 @@ class ObjectDice(Protocol):
             if not keep.any():
                 continue
             case = str(data["meta"][b].get("case_id", data["ids"][b]))
-            for model, acc in ((batch.model, self.scores), (self.initial, self.initial_scores)):
+            for model, acc, embeddings in ((batch.model, self.scores, data["embeddings"]),
+                                           (self.initial, self.initial_scores, batch.initial_embeddings)):
                 if model is not None:
-                    scores = box_then_clicks(model, data["embeddings"][b], masks[keep], clicks=acc.clicks)
+                    scores = box_then_clicks(model, embeddings[b], masks[keep], clicks=acc.clicks)
                     acc.add(scores, class_ids[keep].tolist(), case)
 
     def compute(self, run_dir: Path) -> Section | None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from sam_train.finetune.adapters import Adapter, AdapterConfig, add_adapters, has_adapters
-from sam_train.finetune.freeze import SAM_PARTS, freeze_parts, trainable_parameter_names
+from sam_train.finetune.freeze import SAM_PARTS, freeze_parts, trainable_parameter_names, unfreeze_encoder_tail
 from sam_train.finetune.lora import LoraConfig, add_lora, merged_state_dict
 from sam_train.models.sam import Sam
 
@@ -22,6 +22,7 @@ __all__ = [
     "has_adapters",
     "merge_and_export_state_dict",
     "trainable_parameter_names",
+    "unfreeze_encoder_tail",
 ]
 
 
@@ -42,6 +43,7 @@ def apply_finetune(
     freeze: Iterable[str] = (),
     lora: LoraConfig | Mapping[str, Any] | None = None,
     adapter: AdapterConfig | Mapping[str, Any] | None = None,
+    encoder_tail: int | None = None,
 ) -> Sam:
     """Configure `model` in place for a fine-tuning strategy and return it.
 
@@ -50,6 +52,8 @@ def apply_finetune(
         lora: LoRA on the image encoder (its other weights are frozen, as SAMed).
         adapter: bottleneck adapters in every encoder block (its other weights frozen unless
             adapter.train_encoder, as SAM-Med2D).
+        encoder_tail: with the image encoder frozen, its neck and last `encoder_tail` units (blocks and
+            downsamplings, `TinyViT.units`) train again: a partial encoder fine-tune on cached features.
     Load pretrained weights before calling this: LoRA changes the encoder's module tree.
     """
     freeze = tuple(freeze)
@@ -66,6 +70,10 @@ def apply_finetune(
                 if "_adapter." in name and ".lora_" not in name:
                     p.requires_grad_(True)
     freeze_parts(model, freeze)
+    if encoder_tail is not None:
+        if "image_encoder" not in freeze:
+            raise ValueError("apply_finetune: encoder_tail needs freeze=['image_encoder', ...] (the rest stays frozen)")
+        unfreeze_encoder_tail(model, encoder_tail)
     if not trainable_parameter_names(model):
         raise ValueError("apply_finetune: nothing left to train")
     return model

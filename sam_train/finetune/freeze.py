@@ -23,6 +23,24 @@ def freeze_parts(model: nn.Module, parts: Iterable[str]) -> None:
             p.requires_grad_(False)
 
 
+def unfreeze_encoder_tail(model: nn.Module, units: int) -> None:
+    """Let the image encoder's neck and its last `units` units (blocks, downsamplings: `TinyViT.units`,
+    `ImageEncoderViT.units`) train.
+
+    A partial encoder fine-tune: the frozen front is encoded once and cached
+    (`sam_train.data.cached.CachedEmbeddingDataModule`), and only the tail runs, forward and backward, each step.
+    """
+    encoder = model.image_encoder
+    if not hasattr(encoder, "units"):
+        raise ValueError(f"encoder_tail: {type(encoder).__name__} has no unit split (TinyViT, ImageEncoderViT have)")
+    n = len(encoder.units())
+    if not 0 <= units <= n:
+        raise ValueError(f"encoder_tail must be in [0, {n}] for this encoder, got {units}")
+    for name, p in encoder.named_parameters():
+        if encoder.unit_of(name) >= n - units:
+            p.requires_grad_(True)
+
+
 def trainable_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters that will be trained (requires_grad)."""
     return [n for n, p in model.named_parameters() if p.requires_grad]

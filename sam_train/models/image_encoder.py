@@ -274,16 +274,46 @@ class ImageEncoderViT(nn.Module):
         )
         self.grad_checkpointing = grad_checkpointing
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed
-        for blk in self.blocks:
+    # Split forward (as `TinyViT`): units are the patch embedding (with the position embedding) and each
+    # block; `forward_until(x, k)` runs units [0, k) -> [B, C, h, w], `forward_from(f, k)` the rest + neck.
+    def units(self) -> list[tuple[str, nn.Module]]:
+        """(state-dict prefix, module) of each unit in forward order (the neck is not a unit)."""
+        return [("patch_embed", self.patch_embed)] + [(f"blocks.{i}", blk) for i, blk in enumerate(self.blocks)]
+
+    def unit_of(self, name: str) -> int:
+        """Index of the unit a parameter / buffer name belongs to; the neck is len(units())."""
+        if name.startswith(("patch_embed.", "pos_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        if name.startswith("neck."):
+            return self.depth + 1
+        raise ValueError(f"ImageEncoderViT.unit_of: {name!r} is not a parameter of this encoder")
+
+    def _run_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Units [start, stop) on [B, 3, S, S] images (start 0) or [B, h, w, C] tokens -> [B, h, w, C]."""
+        if start == 0 and stop > 0:
+            x = self.patch_embed(x)
+            if self.pos_embed is not None:
+                x = x + self.pos_embed
+        for blk in self.blocks[max(start - 1, 0) : max(stop - 1, 0)]:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
-        return self.neck(x.permute(0, 3, 1, 2))
+        return x
+
+    def forward_until(self, x: torch.Tensor, unit: int) -> torch.Tensor:
+        """[B, 3, S, S] normalised images -> [B, C, h, w] input of unit `unit` (the images for unit 0)."""
+        return x if unit == 0 else self._run_blocks(x, 0, unit).permute(0, 3, 1, 2)
+
+    def forward_from(self, x: torch.Tensor, unit: int) -> torch.Tensor:
+        """[B, C, h, w] input of unit `unit` (from `forward_until`) -> [B, out_chans, h, w] embeddings."""
+        x = x if unit == 0 else x.permute(0, 2, 3, 1)
+        return self.neck(self._run_blocks(x, unit, self.depth + 1).permute(0, 3, 1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_from(x, 0)
 
     @property
     def num_lr_layers(self) -> int:

@@ -140,9 +140,12 @@ class Sam(nn.Module):
 
     def batch_embeddings(self, batch: dict[str, Any]) -> torch.Tensor:
         """[B, C, h, w] image embeddings of a collated batch: its cached `embeddings` when it carries them,
-        else its `images` (0-255, resized) preprocessed and encoded."""
+        the encoder's remaining units run on its cached `features` (entering unit `encoder_unit`), else
+        its `images` (0-255, resized) preprocessed and encoded."""
         if "embeddings" in batch:
             return batch["embeddings"]
+        if "features" in batch:
+            return self.image_encoder.forward_from(batch["features"], batch["encoder_unit"])
         return self.encode(self.preprocess(batch["images"]))
 
     def predict_masks(

@@ -13,6 +13,7 @@ convolutions between attention and MLP reading the token grid as a channels-last
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -322,23 +323,63 @@ class TinyViT(nn.Module):
             return before + int(parts[3]) + 1
         return before + self.depths[stage]  # downsample
 
+    # ----------------------------------------------------------------- split forward
+    # The encoder is a chain of units: the stem, every block and every downsampling, in order (then the
+    # neck). `forward_until(x, k)` runs units [0, k) and `forward_from(f, k)` the rest: a fine-tune that
+    # trains only the last units caches `forward_until` once and runs `forward_from` every step.
+    def units(self) -> list[tuple[str, nn.Module]]:
+        """(state-dict prefix, module) of each unit in forward order (the neck is not a unit)."""
+        out: list[tuple[str, nn.Module]] = [("patch_embed", self.patch_embed)]
+        for i, stage in enumerate(self.layers):
+            out += [(f"layers.{i}.blocks.{j}", block) for j, block in enumerate(stage.blocks)]
+            if stage.downsample is not None:
+                out.append((f"layers.{i}.downsample", stage.downsample))
+        return out
+
+    def unit_of(self, name: str) -> int:
+        """Index of the unit a parameter / buffer name belongs to; the neck is len(units())."""
+        for k, (prefix, _) in enumerate(self.units()):
+            if name.startswith(prefix + "."):
+                return k
+        if name.startswith("neck."):
+            return len(self.units())
+        raise ValueError(f"TinyViT.unit_of: {name!r} is not a parameter of this encoder")
+
     def _run(self, fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+        blocks = (MBConv, TinyViTBlock)  # the stem and downsamplings keep their activations
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled() and isinstance(fn, blocks):
             return checkpoint(fn, x, use_reentrant=False)
         return fn(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _grid(x: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, h*w, C] -> [B, C, h, w] (a channels-last view); a map passes through."""
+        if x.ndim == 4:
+            return x
+        b, n, c = x.shape
+        side = math.isqrt(n)
+        return x.reshape(b, side, side, c).permute(0, 3, 1, 2)
+
+    def forward_until(self, x: torch.Tensor, unit: int) -> torch.Tensor:
+        """[B, 3, S, S] normalised images -> [B, C_k, h_k, w_k] input of unit `unit` (channels-last)."""
         # Channels-last makes oneDNN's convolutions (and above all their backward) 2-3x faster on CPU
         # at stage 0's 256 x 256 maps, and stage 0's output then flattens into tokens without a copy.
-        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
-        for stage in self.layers:
-            for block in stage.blocks:
-                x = self._run(block, x)
-            if stage.downsample is not None:
-                x = stage.downsample(x)
-        b, _, c = x.shape
-        x = x.view(b, self.embed_size, self.embed_size, c).permute(0, 3, 1, 2)
-        return self.neck(x).contiguous()
+        x = x.contiguous(memory_format=torch.channels_last)
+        for _, module in self.units()[:unit]:
+            x = self._run(module, x)
+        return self._grid(x)
+
+    def forward_from(self, x: torch.Tensor, unit: int) -> torch.Tensor:
+        """[B, C_k, h_k, w_k] input of unit `unit` (from `forward_until`) -> [B, out_chans, h, w] embeddings."""
+        x = x.contiguous(memory_format=torch.channels_last)
+        for _, module in self.units()[unit:]:
+            if isinstance(module, TinyViTBlock) and x.ndim == 4:
+                x = x.permute(0, 2, 3, 1).flatten(1, 2)  # channels-last map -> tokens, a view
+            x = self._run(module, x)
+        return self.neck(self._grid(x)).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_from(x, 0)
 
 
 def _init_weights(m: nn.Module) -> None:
