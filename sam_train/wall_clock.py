@@ -4,7 +4,9 @@ Lightning's `trainer.max_time` (its Timer callback) counts only the time spent i
 run that first encodes its data set (cached embeddings) would overrun a budget such as "10 minutes on this
 CPU". `WallClockBudget` counts from its own creation instead (when `fit` builds the trainer, before the data
 are set up and cached): it stops training after the first optimiser step that ends past the budget, and
-tells data modules how much time is left for caching.
+tells data modules how much time is left for caching. With `anneal_lr` it also decays every learning rate
+linearly to zero over the budget left when training starts ("Budgeted Training", Li et al., ICLR 2020): a
+run cut by the clock ends on small steps, not on whatever the schedule's flat part gives its last step.
 """
 
 from __future__ import annotations
@@ -48,12 +50,36 @@ class WallClockBudget(pl.Callback):
         max_time: the budget, in any form Lightning's `trainer.max_time` takes; None disables the callback.
         start: time.time() the budget counts from (default: now). Not the process start: a process that
             runs several fits (tests, sweeps, notebooks) would otherwise find the budget spent.
+        anneal_lr: scale each optimiser step's learning rates (as the scheduler set them) by the fraction of
+            the training time left, 1 at the first step to 0 at the deadline. It depends on the clock: a
+            resumed run anneals over what is left of its own budget.
     """
 
     def __init__(self, *, max_time: str | int | float | Mapping[str, Any] | None = None,
-                 start: float | None = None) -> None:
+                 start: float | None = None, anneal_lr: bool = False) -> None:
         self.budget = parse_duration(max_time)
         self.start = time.time() if start is None else float(start)
+        self.anneal_lr = anneal_lr
+        self.train_start: float | None = None
+        self._scheduled: list[float] = []  # the lrs the scheduler set, restored after each step
+        self._hooks: list[Any] = []
+
+    def lr_scale(self, now: float | None = None) -> float:
+        """Fraction of the training time left (1 without a budget or before training starts)."""
+        if self.budget is None or self.train_start is None:
+            return 1.0
+        now = time.time() if now is None else now
+        return min(1.0, max(0.0, (self.deadline - now) / max(self.deadline - self.train_start, 1e-6)))
+
+    def _scale(self, optimizer: Any, *args: Any) -> None:
+        self._scheduled = [group["lr"] for group in optimizer.param_groups]
+        scale = self.lr_scale()
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * scale
+
+    def _restore(self, optimizer: Any, *args: Any) -> None:
+        for group, lr in zip(optimizer.param_groups, self._scheduled, strict=True):
+            group["lr"] = lr
 
     @property
     def deadline(self) -> float | None:
@@ -66,14 +92,25 @@ class WallClockBudget(pl.Callback):
         return None if self.budget is None else self.budget - self.elapsed()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.budget is not None:
-            log.info("wall-clock budget %.0f s, %.0f s used before the first step (start-up, caching)",
-                     self.budget, self.elapsed())
+        if self.budget is None:
+            return
+        log.info("wall-clock budget %.0f s, %.0f s used before the first step (start-up, caching)%s",
+                 self.budget, self.elapsed(), "; learning rates anneal to 0 at its end" if self.anneal_lr else "")
+        self.train_start = time.time()
+        for hook in self._hooks:  # a second fit with this callback
+            hook.remove()
+        self._hooks = []
+        if self.anneal_lr:
+            for optimizer in trainer.optimizers:  # pre / post hooks: composes with any scheduler
+                self._hooks += [optimizer.register_step_pre_hook(self._scale),
+                                optimizer.register_step_post_hook(self._restore)]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self.budget is None:
             return
         pl_module.log("train/wall_s", self.elapsed(), on_step=True, on_epoch=False, batch_size=1)
+        if self.anneal_lr:
+            pl_module.log("train/lr_scale", self.lr_scale(), on_step=True, on_epoch=False, batch_size=1)
         over = trainer.strategy.reduce_boolean_decision(self.elapsed() >= self.budget, all=False)  # any rank
         if over and not trainer.should_stop:
             log.info("wall-clock budget of %.0f s reached after %d steps (%.0f s since the fit started)",

@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 from scipy import ndimage
 from scipy.spatial.distance import cdist
-from skimage.measure import label as sk_label
 
 from sam_train.eval.clicks import click_protocol, next_click, number_of_clicks, plot_iou_curve, sam_med2d_protocol
 
@@ -28,7 +27,9 @@ def _interior_distance(region: np.ndarray) -> np.ndarray:
     return dist[1:-1, 1:-1]
 
 
-def test_click_in_largest_error_region_at_farthest_point():
+def test_click_at_the_deepest_error_pixel():
+    """RITM's clicker: the error pixel farthest from the error boundary; misses and false positives compete
+    on that depth (positive only when the misses are strictly deeper)."""
     rng = np.random.default_rng(0)
     for _ in range(25):
         pred, gt = _blob(rng, (24, 28)), _blob(rng, (24, 28))
@@ -37,15 +38,11 @@ def test_click_in_largest_error_region_at_farthest_point():
         assert coords.shape == (2,) and label.shape == ()
         assert pred[y, x] != gt[y, x], "click must lie in the error region"
         assert int(label) == int(gt[y, x]), "positive on missed foreground, negative on false positive"
-        # the clicked component is the largest error component (skimage labelling, 4-connectivity)
-        errors = {1: gt & ~pred, 0: pred & ~gt}
-        areas = {lab: np.bincount(sk_label(e, connectivity=1).ravel())[1:] for lab, e in errors.items()}
-        largest = max(a.max() if a.size else 0 for a in areas.values())
-        comps = sk_label(errors[int(label)], connectivity=1)
-        component = comps == comps[y, x]
-        assert component.sum() == largest
-        dist = _interior_distance(component)
-        assert dist[y, x] == pytest.approx(dist.max())
+        depth = {1: _interior_distance(gt & ~pred), 0: _interior_distance(pred & ~gt)}
+        assert int(label) == int(depth[1].max() > depth[0].max())
+        assert depth[int(label)][y, x] == pytest.approx(depth[int(label)].max())
+        first = np.argwhere(np.isclose(depth[int(label)], depth[int(label)].max()))[0]  # row-major tie rule
+        assert (y, x) == tuple(first)
 
 
 def test_batched_clicks_and_perfect_prediction():

@@ -67,6 +67,28 @@ def test_parse_duration_and_budget():
     assert 9 < budget.remaining() <= 10 and budget.deadline == pytest.approx(budget.start + 30)
 
 
+def test_budget_anneals_learning_rates_to_zero_at_the_deadline():
+    """anneal_lr: each optimiser step runs at the scheduler's lr x the fraction of training time left; the
+    scheduler's value is restored after the step (no compounding), and the scale is 1 without a budget."""
+    from types import SimpleNamespace
+
+    budget = WallClockBudget(max_time=100, anneal_lr=True)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    budget.on_train_start(SimpleNamespace(optimizers=[optimizer]), None)
+    budget.train_start = budget.start - 100.0 / 3  # two thirds of the training time left
+    budget.start -= 100.0 / 3
+    assert budget.lr_scale() == pytest.approx(2 / 3, abs=1e-3)
+    for _ in range(2):
+        before = float(weight)
+        weight.grad = torch.ones(1)
+        optimizer.step()
+        assert before - float(weight) == pytest.approx(0.1 * 2 / 3, abs=1e-4)
+        assert optimizer.param_groups[0]["lr"] == 0.1
+    assert budget.lr_scale(now=budget.deadline + 5) == 0.0
+    assert WallClockBudget(max_time=None, anneal_lr=True).lr_scale() == 1.0
+
+
 def test_subcortical_demo_data(tmp_path):
     root = prepare_mni_subcortical(tmp_path / "sub", slice_step=5)
     meta = json.loads((root / "dataset.json").read_text())

@@ -81,7 +81,7 @@ def test_error_points_without_error():
 
 def test_center_points_are_the_evaluation_protocols_first_click():
     """The one centre click: what eval.clicks gives as the first click on an empty prediction (the SAM /
-    RITM protocol: deepest pixel of the largest 4-connected component)."""
+    RITM protocol: the mask's deepest pixel)."""
     from scipy import ndimage
 
     from sam_train.eval.clicks import next_click

@@ -1,11 +1,12 @@
 """Interactive evaluation: simulated clicks, IoU-vs-clicks, NoC@85/90, and SAM-Med2D box / point Dice.
 
-Click simulation follows the interactive segmentation literature (Xu et al. 2016, RITM): the next
-click goes to the largest connected error region (false negatives and false positives compete on
-area; 4-connectivity), at its interior point farthest from the region's boundary (Euclidean distance
-transform, image borders count as boundary). A false-negative region gives a positive click (label
-1), a false-positive region a negative click (label 0). When the prediction is already perfect the
-"click" is a padding point (label -1) at (0, 0), which SAM ignores.
+Click simulation is RITM's clicker (Sofiiuk et al. 2022; the protocol of SimpleClick, FocalClick and SAM's
+point evaluation): the next click goes to the error pixel farthest from the error region's boundary
+(Euclidean distance transform, image borders count as boundary); false negatives and false positives
+compete on that depth (a positive click only when the misses are strictly deeper), so a click goes where
+a user sees a clear error, never onto a one-pixel rim along a long boundary while a thick error remains. A
+false negative gives a positive click (label 1), a false positive a negative click (label 0). When the
+prediction is already perfect the "click" is a padding point (label -1) at (0, 0), which SAM ignores.
 
 Coordinates are (x, y) pixel indices in the ground-truth mask's resolution. A `predict_fn` maps
 prompts to masks at that resolution:
@@ -26,24 +27,18 @@ import torch
 
 from sam_train.eval.metrics import dice, iou
 from sam_train.prompts.boxes import masks_to_boxes
-from sam_train.prompts.points import deepest_point, largest_component
+from sam_train.prompts.points import deepest_pixel
 
 PredictFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _click_one(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, int]:
     """One [H, W] mask pair -> (x, y, label) of the next simulated click."""
-    best: tuple[int, int, np.ndarray, tuple[slice, ...]] | None = None  # (area, label, component, box)
-    for error, label in ((gt & ~pred, 1), (pred & ~gt, 0)):
-        found = largest_component(error)
-        # ties go to false negatives (checked first): adding missing object is the usual first need
-        if found is not None and (best is None or found[0] > best[0]):
-            best = (found[0], label, found[1], found[2])
-    if best is None:
+    fn_depth, fn_x, fn_y = deepest_pixel(gt & ~pred)
+    fp_depth, fp_x, fp_y = deepest_pixel(pred & ~gt)
+    if fn_depth == 0 and fp_depth == 0:
         return 0, 0, -1
-    _, label, region, box = best
-    x, y = deepest_point(region, box)
-    return x, y, label
+    return (fn_x, fn_y, 1) if fn_depth > fp_depth else (fp_x, fp_y, 0)
 
 
 def next_click(pred: torch.Tensor | np.ndarray, gt: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,8 @@ with the `Sam` API:
 - the first prompt is the mask's tight box (inclusive pixel corners), scaled to the model input like the
   image; the predicted low-res logits are upsampled to the native size (`Sam.postprocess_masks`) and
   thresholded there, so Dice is measured on the pixels the ground truth has;
-- each correction click goes to the centre of the largest error region of the current native
-  prediction (`eval.clicks.next_click`: positive in a miss, negative in a false positive), is added to
+- each correction click goes to the deepest error pixel of the current native prediction
+  (`eval.clicks.next_click`, RITM's clicker: positive in a miss, negative in a false positive), is added to
   the box, and the previous low-res logits are fed back as the mask prompt (the prompt layout of
   training: clicks, then the two box corners);
 - the filled-box baseline predicts the box itself.

@@ -7,10 +7,10 @@ per-object oracle, tests/prompt_reference.py, replays), so results depend only o
 the number of objects, never on the mask contents. Pass a generator on the masks' device to keep
 sampling on the device; a CPU generator also works (its numbers are copied over).
 
-`center_points` is the first click of the interactive evaluation protocol (Xu et al. 2016, RITM; SAM's
-point evaluation): the pixel of the largest 4-connected component farthest from its boundary (Euclidean
-distance transform, image borders count as boundary). `largest_component` and `deepest_point` are its
-two steps, shared with the corrective-click simulation of `sam_train.eval.clicks`.
+`center_points` is the first click of the interactive evaluation protocol (RITM's clicker, Sofiiuk et al.
+2022; SAM's point evaluation): the mask's pixel farthest from its boundary (Euclidean distance transform,
+image borders count as boundary). `deepest_pixel` is shared with the corrective clicks of
+`sam_train.eval.clicks`.
 """
 
 from __future__ import annotations
@@ -125,32 +125,25 @@ def sample_error_points(
     return coords, labels
 
 
-def largest_component(region: np.ndarray) -> tuple[int, np.ndarray, tuple[slice, ...]] | None:
-    """Largest 4-connected component of a bool [H, W] region: (area, bool [H, W] mask, bounding-box slices);
-    the first in label order on ties; None for an empty region."""
-    components, n = ndimage.label(region)
-    if n == 0:
-        return None
-    areas = np.bincount(components.ravel())[1:]
-    k = int(areas.argmax())
-    return int(areas[k]), components == k + 1, ndimage.find_objects(components)[k]
+def deepest_pixel(region: np.ndarray) -> tuple[float, int, int]:
+    """(depth, x, y) of the pixel of a bool [H, W] region farthest from its boundary: Euclidean distance
+    transform, the image border counts as boundary, the first in row-major order on ties; (0, 0, 0) for an
+    empty region.
 
-
-def deepest_point(region: np.ndarray, box: tuple[slice, ...]) -> tuple[int, int]:
-    """(x, y) of the pixel of a bool [H, W] region farthest from its boundary (Euclidean distance
-    transform; the image border counts as boundary; the first in row-major order on ties).
-
-    Computed inside the region's bounding box `box`, zero-padded: identical to the full-image transform
-    with the image border as boundary, but only over the box.
+    Computed inside the region's bounding box, zero-padded: identical to the full-image transform (the
+    padding ring is background at least as close as any background pixel outside the box).
     """
-    crop = np.pad(region[box], 1)
+    rows, cols = np.flatnonzero(region.any(1)), np.flatnonzero(region.any(0))
+    if rows.size == 0:
+        return 0.0, 0, 0
+    crop = np.pad(region[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1], 1)
     dist = ndimage.distance_transform_edt(crop)[1:-1, 1:-1]
     y, x = np.unravel_index(int(dist.argmax()), dist.shape)
-    return int(x + box[1].start), int(y + box[0].start)
+    return float(dist[y, x]), int(x + cols[0]), int(y + rows[0])
 
 
 def center_points(masks: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """The centre click of each mask: the deepest pixel (`deepest_point`) of its largest component.
+    """The centre click of each mask: its deepest pixel (`deepest_pixel`).
 
     Args:
         masks: bool [M, H, W] (any device; computed on the CPU).
@@ -160,9 +153,6 @@ def center_points(masks: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch
     m = np.asarray(torch.as_tensor(masks).cpu()).astype(bool, copy=False)
     if m.ndim != 3:
         raise ValueError(f"masks must be bool [M, H, W], got shape {tuple(m.shape)}")
-    coords, valid = [], []
-    for mask in m:
-        found = largest_component(mask)
-        coords.append(deepest_point(found[1], found[2]) if found is not None else (0, 0))
-        valid.append(found is not None)
-    return torch.tensor(coords, dtype=torch.float32).reshape(-1, 2), torch.tensor(valid, dtype=torch.bool)
+    found = [deepest_pixel(mask) for mask in m]
+    coords = torch.tensor([[x, y] for _, x, y in found], dtype=torch.float32).reshape(-1, 2)
+    return coords, torch.tensor([depth > 0 for depth, _, _ in found], dtype=torch.bool)
