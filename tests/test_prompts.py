@@ -71,6 +71,35 @@ def test_error_points_inside_error_region_with_correct_label(gen):
     assert (labels[:50][has_error[:50]] == 0).all() and (labels[50:100] == 1).all()
 
 
+def test_inner_error_points_follow_ritm(gen):
+    """click_region="inner": the side with the deeper error pixel (positive only when strictly deeper), and
+    only its pixels deeper than half that depth (brute-force distances to the nearest non-error pixel,
+    the image border counting as boundary)."""
+    from scipy.spatial.distance import cdist
+
+    def depth(region: np.ndarray) -> np.ndarray:
+        padded = np.pad(region, 1)
+        inside, outside = np.argwhere(padded), np.argwhere(~padded)
+        out = np.zeros(padded.shape)
+        if len(inside):
+            out[tuple(inside.T)] = cdist(inside, outside).min(axis=1)
+        return out[1:-1, 1:-1]
+
+    gt = random_masks(40, 14, 16, seed=5, p=0.5)
+    pred = random_masks(40, 14, 16, seed=6, p=0.5)
+    pred[0] = gt[0]  # no error
+    coords, labels = sample_error_points(pred, gt, gen, "inner")
+    for i in range(1, 40):
+        d = {1: depth((gt[i] & ~pred[i]).numpy()), 0: depth((pred[i] & ~gt[i]).numpy())}
+        side = int(d[1].max() > d[0].max())
+        assert int(labels[i]) == side
+        x, y = int(coords[i, 0]), int(coords[i, 1])
+        assert d[side][y, x] > d[side].max() / 2
+    assert int(labels[0]) == 1 and gt[0][int(coords[0, 1]), int(coords[0, 0])]
+    with pytest.raises(ValueError, match="click_region"):
+        PromptSimulationConfig(click_region="center")
+
+
 def test_error_points_without_error():
     gt = torch.zeros(2, 5, 5, dtype=torch.bool)
     gt[0, 1:3, 2:4] = True

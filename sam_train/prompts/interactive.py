@@ -31,7 +31,7 @@ from sam_train.losses.functional import mask_iou
 from sam_train.models.prompt_encoder import PAD, POSITIVE
 from sam_train.models.sam import best_mask_token, upsample_logits
 from sam_train.prompts.boxes import box_corner_points, expand_boxes_uniform, jitter_boxes, masks_to_boxes
-from sam_train.prompts.points import draw_uniform, sample_error_points, sample_points
+from sam_train.prompts.points import CLICK_REGIONS, draw_uniform, sample_error_points, sample_points
 
 # decode(image_embeddings [B,C,h,w], image_ids [M], point_coords [M,K,2], point_labels [M,K],
 #        mask_inputs [M,1,4h,4w] | None, has_mask [M] | None) -> (logits [M,4,4h,4w], iou_pred [M,4])
@@ -56,6 +56,7 @@ class PromptSimulationConfig:
     box_max_noise: float = 20.0  # gaussian: cap on each coordinate's displacement, pixels
     box_max_shift: int = 20  # uniform_expand: largest outward shift of each side, pixels
     multimask_for_single_point: bool = True  # 3 masks (tokens 1..3) when the prompt is one click
+    click_region: str = "error"  # "error": uniform over the larger error side (SAM); "inner": RITM's, see points.py
     mask_threshold: float = 0.0  # logit threshold of the prediction that errors are sampled from
     feed_mask_prompt: bool = True  # feed the previous (detached) logits back as the mask prompt
 
@@ -71,6 +72,9 @@ class PromptSimulationConfig:
             )
         if not 0.0 <= self.box_probability <= 1.0:
             raise ValueError(f"PromptSimulationConfig.box_probability must be in [0, 1], got {self.box_probability}")
+        if self.click_region not in CLICK_REGIONS:
+            raise ValueError(f"PromptSimulationConfig.click_region must be one of {CLICK_REGIONS}, "
+                             f"got {self.click_region!r}")
         if self.box_jitter not in BOX_JITTERS:
             raise ValueError(f"PromptSimulationConfig.box_jitter must be one of {BOX_JITTERS}, got {self.box_jitter!r}")
 
@@ -253,7 +257,7 @@ def simulate(
     recompute = checkpoint_iterations and torch.is_grad_enabled()
     for t, new_prompt in enumerate(schedule):
         if new_prompt and t > 0:
-            xy, lbl = sample_error_points(pred_s, gt_masks, generator)
+            xy, lbl = sample_error_points(pred_s, gt_masks, generator, cfg.click_region)
             clicks_xy = torch.cat([clicks_xy, xy[:, None]], dim=1)
             clicks_lbl = torch.cat([clicks_lbl, lbl[:, None]], dim=1)
         n_prompts = 1 + clicks_xy.shape[1]

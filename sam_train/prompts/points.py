@@ -106,22 +106,58 @@ def error_regions(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, t
     return region, labels
 
 
+def inner_error_regions(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """RITM's training click region (Sofiiuk et al. 2022): the error side whose deepest pixel is deeper
+    (false negatives only when strictly deeper, as the evaluation's clicker decides), restricted to its
+    pixels deeper than half that depth, i.e. the interior of the thick errors a user would click. No error:
+    as `error_regions`.
+
+    The distance transforms run on the CPU (scipy), one per object and side; the result is on pred's device.
+
+    Args:
+        pred, gt: bool [M, H, W].
+    Returns:
+        region bool [M, H, W], labels int64 [M].
+    """
+    if pred.shape != gt.shape or pred.dim() != 3:
+        raise ValueError(f"pred and gt must both be bool [M, H, W]; got {tuple(pred.shape)} and {tuple(gt.shape)}")
+    p, g = pred.bool().cpu().numpy(), gt.bool().cpu().numpy()
+    regions, labels = np.zeros(p.shape, dtype=bool), np.zeros(p.shape[0], dtype=np.int64)
+    for i in range(p.shape[0]):
+        depth = {side: ndimage.distance_transform_edt(np.pad(e, 1))[1:-1, 1:-1]
+                 for side, e in ((POSITIVE, g[i] & ~p[i]), (NEGATIVE, p[i] & ~g[i]))}
+        deepest = {side: float(d.max()) for side, d in depth.items()}
+        if max(deepest.values()) == 0:
+            regions[i], labels[i] = g[i], POSITIVE if g[i].any() else PAD
+            continue
+        side = POSITIVE if deepest[POSITIVE] > deepest[NEGATIVE] else NEGATIVE
+        regions[i], labels[i] = depth[side] > deepest[side] / 2, side
+    return torch.from_numpy(regions).to(pred.device), torch.from_numpy(labels).to(pred.device)
+
+
+CLICK_REGIONS = ("error", "inner")
+
+
 def sample_error_points(
-    pred: torch.Tensor, gt: torch.Tensor, generator: torch.Generator
+    pred: torch.Tensor, gt: torch.Tensor, generator: torch.Generator, region: str = "error"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A corrective click per object, uniform inside its larger error region (see `error_regions`).
+    """A corrective click per object, uniform inside its error region: "error" = the larger error side
+    (`error_regions`, the SAM paper), "inner" = the interior of the deeper side (`inner_error_regions`, RITM).
 
     Args:
         pred: bool [M, H, W] current (thresholded) prediction.
         gt: bool [M, H, W] ground truth.
         generator: source of randomness (one float64 uniform per object).
+        region: "error" or "inner".
     Returns:
         coords float32 [M, 2] (x, y) pixel indices, labels int64 [M]: 1 inside a false-negative
         region, 0 inside a false-positive region, -1 (padding) only when gt is empty and
         there is no error.
     """
-    region, labels = error_regions(pred, gt)
-    coords, _ = sample_points(region, generator)
+    if region not in CLICK_REGIONS:
+        raise ValueError(f"click region must be one of {CLICK_REGIONS}, got {region!r}")
+    where, labels = error_regions(pred, gt) if region == "error" else inner_error_regions(pred, gt)
+    coords, _ = sample_points(where, generator)
     return coords, labels
 
 
