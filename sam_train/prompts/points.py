@@ -76,6 +76,11 @@ def sample_points(region: torch.Tensor, generator: torch.Generator) -> tuple[tor
     return pick_kth_true(region, u)
 
 
+def _check_pair(pred: torch.Tensor, gt: torch.Tensor) -> None:
+    if pred.shape != gt.shape or pred.dim() != 3:
+        raise ValueError(f"pred and gt must both be bool [M, H, W]; got {tuple(pred.shape)} and {tuple(gt.shape)}")
+
+
 def error_regions(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The region to sample the next click from and its label.
 
@@ -89,8 +94,7 @@ def error_regions(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, t
     Returns:
         region bool [M, H, W], labels int64 [M].
     """
-    if pred.shape != gt.shape or pred.dim() != 3:
-        raise ValueError(f"pred and gt must both be bool [M, H, W]; got {tuple(pred.shape)} and {tuple(gt.shape)}")
+    _check_pair(pred, gt)
     pred, gt = pred.bool(), gt.bool()
     fn = gt & ~pred
     fp = pred & ~gt
@@ -119,8 +123,7 @@ def inner_error_regions(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Ten
     Returns:
         region bool [M, H, W], labels int64 [M].
     """
-    if pred.shape != gt.shape or pred.dim() != 3:
-        raise ValueError(f"pred and gt must both be bool [M, H, W]; got {tuple(pred.shape)} and {tuple(gt.shape)}")
+    _check_pair(pred, gt)
     p, g = pred.bool().cpu().numpy(), gt.bool().cpu().numpy()
     regions, labels = np.zeros(p.shape, dtype=bool), np.zeros(p.shape[0], dtype=np.int64)
     for i in range(p.shape[0]):
