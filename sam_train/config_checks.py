@@ -71,6 +71,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.num_workers": int_at_least(0),
     "prompts.num_iterations": int_at_least(1),
     "prompts.num_mask_only": int_at_least(0),
+    "prompts.loss_iterations": int_at_least(1, none=True),
     "loss.focal_weight": number_at_least_zero(),
     "loss.dice_weight": number_at_least_zero(),
     "loss.iou_weight": number_at_least_zero(),

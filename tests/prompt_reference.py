@@ -147,6 +147,7 @@ def per_object_reference(
         selected=torch.stack(selected),
         num_prompts=num_prompts,
         schedule=schedule,
+        with_loss=[loss_fn is not None] * len(schedule),
         low_res_logits=torch.cat(chosen_all),
         iou_pred=torch.stack(chosen_iou_all),
         point_coords=torch.cat(coords_all),

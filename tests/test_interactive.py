@@ -109,6 +109,35 @@ def test_checkpointed_iterations_give_the_same_loss_and_gradients(scene, resolut
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
 
 
+def test_loss_iterations_train_the_first_and_random_others_without_changing_the_simulated_user(scene):
+    """RITM-style iterative training: the unscored iterations still move the simulated user on (same
+    prompts, same masks fed back) but run without gradients; the loss is the scored iterations' loss."""
+    model, emb, gt, ids = scene
+    base = dict(num_iterations=5, num_mask_only=0, box_probability=1.0)  # no draw for the mask-only schedule
+    cfg = PromptSimulationConfig(**base, loss_iterations=2)
+    spy = Spy(model.decode)
+    leaf = emb.clone().requires_grad_(True)
+    part = simulate(spy, leaf, gt, ids, cfg, torch.Generator().manual_seed(3), loss_fn=loss_for(5))
+    scored = part.with_loss
+    assert scored[0] and sum(scored) == 2 and len(part.losses) == 2
+    assert [call[3][0].requires_grad for call in spy.calls] == scored  # no graph kept for the others
+    part.loss.backward()
+    grad_part = leaf.grad.clone()
+
+    g = torch.Generator().manual_seed(3)
+    torch.randperm(4, generator=g)  # the draw of loss_schedule, so the rest of the stream lines up
+    leaf.grad = None
+    full = simulate(model.decode, leaf, gt, ids, PromptSimulationConfig(**base), g, loss_fn=loss_for(5))
+    assert full.with_loss == [True] * 5
+    assert_same(part, full)
+    want = sum(out["loss"] for out, on in zip(full.losses, scored, strict=True) if on)
+    torch.testing.assert_close(part.loss, want)
+    want.backward()
+    torch.testing.assert_close(grad_part, leaf.grad)
+    with pytest.raises(ValueError, match="loss_iterations"):
+        PromptSimulationConfig(**base, loss_iterations=6)
+
+
 def test_without_loss_highest_predicted_iou_is_fed_back(scene):
     model, emb, gt, ids = scene
     cfg = PromptSimulationConfig(box_probability=0.0, box_jitter="none")

@@ -17,6 +17,8 @@ Random stream contract (replayed by the tests' per-object oracle, tests/prompt_r
 4. the box jitter of every object: `randn(M, 4)` ("gaussian") or `randint(0, max_shift + 1, (M, 4))`
    ("uniform_expand"), nothing for "none";
 5. one `rand(M, float64)` per iteration that adds a corrective click.
+With `loss_iterations` set below `num_iterations`, one `randperm` right after the schedule picks the
+iterations that carry a loss (`loss_schedule`); nothing is drawn for it otherwise.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class PromptSimulationConfig:
     click_region: str = "error"  # "error": uniform over the larger error side (SAM); "inner": RITM's, see points.py
     mask_threshold: float = 0.0  # logit threshold of the prediction that errors are sampled from
     feed_mask_prompt: bool = True  # feed the previous (detached) logits back as the mask prompt
+    # Iterations with a loss (and a backward pass): the first and loss_iterations - 1 others at random; the
+    # rest only move the simulated user on, without gradients (RITM's iterative training). None: all (SAM).
+    loss_iterations: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_iterations < 1:
@@ -75,6 +80,9 @@ class PromptSimulationConfig:
         if self.click_region not in CLICK_REGIONS:
             raise ValueError(f"PromptSimulationConfig.click_region must be one of {CLICK_REGIONS}, "
                              f"got {self.click_region!r}")
+        if self.loss_iterations is not None and not 1 <= self.loss_iterations <= self.num_iterations:
+            raise ValueError(f"PromptSimulationConfig.loss_iterations must be in [1, num_iterations="
+                             f"{self.num_iterations}] or None, got {self.loss_iterations}")
         if self.box_jitter not in BOX_JITTERS:
             raise ValueError(f"PromptSimulationConfig.box_jitter must be one of {BOX_JITTERS}, got {self.box_jitter!r}")
 
@@ -98,6 +106,18 @@ def iteration_schedule(cfg: PromptSimulationConfig, generator: torch.Generator) 
         perm = torch.randperm(len(slots), generator=generator, device=generator.device)[:n_random]
         for p in perm.tolist():
             schedule[slots[p]] = False
+    return schedule
+
+
+def loss_schedule(cfg: PromptSimulationConfig, generator: torch.Generator) -> list[bool]:
+    """Which iterations carry a loss: all by default; with `loss_iterations` = k < num_iterations the
+    first (it trains the first prompt, box or click) and k - 1 distinct others from one `randperm`."""
+    n, k = cfg.num_iterations, cfg.loss_iterations
+    if k is None or k >= n:
+        return [True] * n
+    schedule = [True] + [False] * (n - 1)
+    for p in torch.randperm(n - 1, generator=generator, device=generator.device)[: k - 1].tolist():
+        schedule[1 + p] = True
     return schedule
 
 
@@ -153,6 +173,7 @@ class SimulationResult:
     ious: float [iters, M] IoU of each iteration's chosen mask (at S x S, > threshold) with gt.
     selected: int64 [iters, M] chosen token per iteration (0 single, 1..3 multimask).
     num_prompts: per iteration, prompts given so far (first prompt + corrective clicks).
+    schedule: per iteration, whether it adds a prompt; with_loss: whether it carries a loss.
     low_res_logits: float [M, 1, 4h, 4w] final chosen logits (not detached); iou_pred: float [M].
     point_coords, point_labels: final prompts [M, K, 2] / [M, K]; is_box: bool [M].
     all_logits: float [iters, M, 1, 4h, 4w] detached chosen logits of every iteration (return_all).
@@ -164,6 +185,7 @@ class SimulationResult:
     selected: torch.Tensor
     num_prompts: list[int]
     schedule: list[bool]
+    with_loss: list[bool]
     low_res_logits: torch.Tensor
     iou_pred: torch.Tensor
     point_coords: torch.Tensor
@@ -223,8 +245,9 @@ def simulate(
         cfg: prompting options.
         generator: all randomness (see the module's random stream contract); on the masks' device
             to keep sampling there.
-        loss_fn: called once per iteration (see `LossFn`); its "selected" token is fed back for
-            multimask objects. Without it the multimask token with the highest predicted IoU is.
+        loss_fn: called once per iteration with a loss (see `LossFn`, `loss_schedule`); its "selected"
+            token is fed back for multimask objects. Elsewhere (and without it) the multimask token
+            with the highest predicted IoU is, and the decoder runs without gradients.
         return_all: also keep every iteration's chosen logits (detached).
         image_sizes: int [B, 2] (h, w) of each image before padding, to clip boxes; default S x S.
         checkpoint_iterations: keep no activations of an iteration's decoder + loss for backward,
@@ -239,6 +262,7 @@ def simulate(
     m, s = gt_masks.shape[0], gt_masks.shape[-1]
     device = gt_masks.device
     schedule = iteration_schedule(cfg, generator)
+    with_loss = loss_schedule(cfg, generator) if loss_fn is not None else [False] * cfg.num_iterations
     is_box = draw_uniform(m, generator, device) < cfg.box_probability
     first_xy, _ = sample_points(gt_masks, generator)
     boxes = initial_boxes(gt_masks, cfg, generator, _object_sizes(image_sizes, image_ids, s))
@@ -250,12 +274,12 @@ def simulate(
     prev: torch.Tensor | None = None  # chosen low-res logits of the previous iteration
     pred_s = gt_masks  # thresholded previous prediction at S x S; only read from iteration 1 on
 
-    def iteration(embeddings, coords, labels, mask_in, multimask):
+    def iteration(embeddings, coords, labels, mask_in, multimask, scored):
         low_res, iou_pred = decode(embeddings, image_ids, coords, labels, mask_in, None)
-        return low_res, iou_pred, (loss_fn(low_res, iou_pred, gt_masks, multimask) if loss_fn else None)
+        return low_res, iou_pred, (loss_fn(low_res, iou_pred, gt_masks, multimask) if scored else None)
 
-    recompute = checkpoint_iterations and torch.is_grad_enabled()
-    for t, new_prompt in enumerate(schedule):
+    grad = torch.is_grad_enabled()
+    for t, (new_prompt, scored) in enumerate(zip(schedule, with_loss, strict=True)):
         if new_prompt and t > 0:
             xy, lbl = sample_error_points(pred_s, gt_masks, generator, cfg.click_region)
             clicks_xy = torch.cat([clicks_xy, xy[:, None]], dim=1)
@@ -264,12 +288,13 @@ def simulate(
         coords, labels = assemble_prompts(is_box, first_xy, boxes, clicks_xy, clicks_lbl)
         mask_in = prev if cfg.feed_mask_prompt else None
         multimask = single_click_multimask(cfg, is_box, n_prompts)
-        if recompute:
+        if scored and grad and checkpoint_iterations:
             low_res, iou_pred, out = checkpoint(
-                iteration, image_embeddings, coords, labels, mask_in, multimask, use_reentrant=False
+                iteration, image_embeddings, coords, labels, mask_in, multimask, scored, use_reentrant=False
             )
         else:
-            low_res, iou_pred, out = iteration(image_embeddings, coords, labels, mask_in, multimask)
+            with torch.set_grad_enabled(grad and (scored or cfg.loss_iterations is None)):
+                low_res, iou_pred, out = iteration(image_embeddings, coords, labels, mask_in, multimask, scored)
         if out is not None:
             losses.append(out)
             total = out["loss"] if total is None else total + out["loss"]
@@ -294,6 +319,7 @@ def simulate(
         selected=torch.stack(selected),
         num_prompts=num_prompts,
         schedule=schedule,
+        with_loss=with_loss,
         low_res_logits=chosen,
         iou_pred=chosen_iou,
         point_coords=coords,
