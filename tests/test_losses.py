@@ -89,6 +89,24 @@ def test_sam_loss_single_mask_equals_hand_computation():
     assert l1["loss"].item() == pytest.approx((20 * np_focal(x, t.astype(float)) + np_dice(x, t.astype(float))) / 2)
 
 
+def test_medsam_loss_config_is_bce_plus_dice():
+    """configs/loss/medsam.yaml: focal without class weight or focusing is binary cross-entropy, 1 : 1 with dice."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from sam_train.cli import CONFIG_DIR
+
+    cfg = instantiate(OmegaConf.load(CONFIG_DIR / "loss" / "medsam.yaml"))
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64)
+    gt = torch.rand(3, 8, 8, generator=g) > 0.6
+    out = sam_loss(logits, torch.zeros(3, 4, dtype=torch.float64), gt, multimask=False, num_objects=3.0, cfg=cfg)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], gt.double())
+    dice = np.mean([np_dice(logits[i, 0].numpy(), gt[i].double().numpy()) for i in range(3)])
+    assert out["focal"].item() == pytest.approx(bce.item(), rel=1e-9)
+    assert out["loss"].item() == pytest.approx(bce.item() + dice + out["iou"].item(), rel=1e-9)
+
+
 def test_min_over_three_selects_best_and_only_it_gets_gradients():
     gt = torch.zeros(1, 4, 4, dtype=torch.bool)
     gt[0, :2, :2] = True

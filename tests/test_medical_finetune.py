@@ -33,11 +33,13 @@ def compose_fit(*overrides: str):
 def test_recipe_composes(recipe):
     cfg = compose_fit(f"recipe={recipe}", "data.train.root=/some/msd", "trainer.max_time=00:00:07:30")
     assert cfg.model.name == "lite_medsam" and cfg.model.pretrained
-    assert list(cfg.finetune.freeze) == ["image_encoder"] and cfg.finetune.encoder_tail == 3  # + cached front
+    assert list(cfg.finetune.freeze) == ["image_encoder"] and cfg.finetune.encoder_tail == 5  # + cached front
     assert cfg.data._target_ == "sam_train.data.cached.CachedEmbeddingDataModule"
     assert cfg.data.train.transform.hflip_p == 0.0 and list(cfg.data.views) == ["none"]  # flips: cached views
     assert cfg.callbacks.wall_clock.max_time == "00:00:07:30"  # the budget follows trainer.max_time
     assert cfg.prompts.num_iterations > 1 and 0 < cfg.prompts.box_probability < 1  # box or point, then clicks
+    assert cfg.prompts.loss_iterations < cfg.prompts.num_iterations  # clicks without backward are cheap
+    assert cfg.loss.focal_gamma == 0 and cfg.trainer.precision == "bf16-mixed"  # MedSAM's BCE + dice; bf16
     assert cfg.evaluate.objects.enabled and list(cfg.evaluate.objects.clicks) == [1, 3, 5]
     if recipe == "medical_demo":
         assert cfg.data.train.atlas == "subcortical"
@@ -242,8 +244,8 @@ def test_encoder_tail_caches_features_and_trains_only_the_tail(tmp_path):
 
     root = prepare_mni_subcortical(tmp_path / "sub", n_cases=3, slice_step=10)
     run = tmp_path / "run"
-    fit(compose_fit("recipe=medical_finetune", "finetune=encoder_tail", "model.img_size=64", f"data.train.root={root}",
-                    "data.train.val_fraction=0.34", "trainer.max_steps=2", "~evaluate",
+    fit(compose_fit("recipe=medical_finetune", "finetune.encoder_tail=3", "model.img_size=64",
+                    f"data.train.root={root}", "data.train.val_fraction=0.34", "trainer.max_steps=2", "~evaluate",
                     "trainer.enable_progress_bar=false", "logger=csv", f"run_dir={run}"))
     cache = run / "embeddings" / "train"
     assert json.loads((cache / "cache.json").read_text())["key"]["encoder_unit"] == 13  # layers.2.downsample
