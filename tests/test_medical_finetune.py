@@ -33,7 +33,7 @@ def compose_fit(*overrides: str):
 def test_recipe_composes(recipe):
     cfg = compose_fit(f"recipe={recipe}", "data.train.root=/some/msd", "trainer.max_time=00:00:07:30")
     assert cfg.model.name == "lite_medsam" and cfg.model.pretrained
-    assert list(cfg.finetune.freeze) == ["image_encoder"] and cfg.finetune.encoder_tail == 5  # + cached front
+    assert list(cfg.finetune.freeze) == ["image_encoder"] and cfg.finetune.encoder_tail == 3  # + cached front
     assert cfg.data._target_ == "sam_train.data.cached.CachedEmbeddingDataModule"
     assert cfg.data.train.transform.hflip_p == 0.0 and list(cfg.data.views) == ["none"]  # flips: cached views
     assert cfg.callbacks.wall_clock.max_time == "00:00:07:30"  # the budget follows trainer.max_time

@@ -127,8 +127,7 @@ def inner_error_regions(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Ten
     p, g = pred.bool().cpu().numpy(), gt.bool().cpu().numpy()
     regions, labels = np.zeros(p.shape, dtype=bool), np.zeros(p.shape[0], dtype=np.int64)
     for i in range(p.shape[0]):
-        depth = {side: ndimage.distance_transform_edt(np.pad(e, 1))[1:-1, 1:-1]
-                 for side, e in ((POSITIVE, g[i] & ~p[i]), (NEGATIVE, p[i] & ~g[i]))}
+        depth = {side: depth_map(e) for side, e in ((POSITIVE, g[i] & ~p[i]), (NEGATIVE, p[i] & ~g[i]))}
         deepest = {side: float(d.max()) for side, d in depth.items()}
         if max(deepest.values()) == 0:
             regions[i], labels[i] = g[i], POSITIVE if g[i].any() else PAD
@@ -164,6 +163,12 @@ def sample_error_points(
     return coords, labels
 
 
+def depth_map(region: np.ndarray) -> np.ndarray:
+    """float [H, W] Euclidean distance of each pixel of a bool [H, W] region to the nearest pixel outside
+    it, the image border counting as outside (0 off the region)."""
+    return ndimage.distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+
+
 def deepest_pixel(region: np.ndarray) -> tuple[float, int, int]:
     """(depth, x, y) of the pixel of a bool [H, W] region farthest from its boundary: Euclidean distance
     transform, the image border counts as boundary, the first in row-major order on ties; (0, 0, 0) for an
@@ -175,8 +180,7 @@ def deepest_pixel(region: np.ndarray) -> tuple[float, int, int]:
     rows, cols = np.flatnonzero(region.any(1)), np.flatnonzero(region.any(0))
     if rows.size == 0:
         return 0.0, 0, 0
-    crop = np.pad(region[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1], 1)
-    dist = ndimage.distance_transform_edt(crop)[1:-1, 1:-1]
+    dist = depth_map(region[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
     y, x = np.unravel_index(int(dist.argmax()), dist.shape)
     return float(dist[y, x]), int(x + cols[0]), int(y + rows[0])
 
