@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from prompt_reference import per_object_reference
 
 from sam_train.losses import SamLossConfig, sam_loss
-from sam_train.prompts.interactive import PromptSimulationConfig, simulate
+from sam_train.prompts.interactive import PromptSimulationConfig, loss_schedule, simulate
 
 S = 256  # vit_t input size; low-res logits are 64 x 64
 
@@ -134,8 +134,11 @@ def test_loss_iterations_train_the_first_and_random_others_without_changing_the_
     torch.testing.assert_close(part.loss, want)
     want.backward()
     torch.testing.assert_close(grad_part, leaf.grad)
+    g = torch.Generator().manual_seed(3)
+    assert loss_schedule(PromptSimulationConfig(**base, loss_iterations=6), g) == [True] * 5  # more than there are
+    assert torch.equal(g.get_state(), torch.Generator().manual_seed(3).get_state())  # and nothing drawn
     with pytest.raises(ValueError, match="loss_iterations"):
-        PromptSimulationConfig(**base, loss_iterations=6)
+        PromptSimulationConfig(**base, loss_iterations=0)
 
 
 def test_without_loss_highest_predicted_iou_is_fed_back(scene):

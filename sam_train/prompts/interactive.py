@@ -62,7 +62,8 @@ class PromptSimulationConfig:
     mask_threshold: float = 0.0  # logit threshold of the prediction that errors are sampled from
     feed_mask_prompt: bool = True  # feed the previous (detached) logits back as the mask prompt
     # Iterations with a loss (and a backward pass): the first and loss_iterations - 1 others at random; the
-    # rest only move the simulated user on, without gradients (RITM's iterative training). None: all (SAM).
+    # rest only move the simulated user on, without gradients (RITM's iterative training). None or
+    # >= num_iterations: all (SAM).
     loss_iterations: int | None = None
 
     def __post_init__(self) -> None:
@@ -80,9 +81,8 @@ class PromptSimulationConfig:
         if self.click_region not in CLICK_REGIONS:
             raise ValueError(f"PromptSimulationConfig.click_region must be one of {CLICK_REGIONS}, "
                              f"got {self.click_region!r}")
-        if self.loss_iterations is not None and not 1 <= self.loss_iterations <= self.num_iterations:
-            raise ValueError(f"PromptSimulationConfig.loss_iterations must be in [1, num_iterations="
-                             f"{self.num_iterations}] or None, got {self.loss_iterations}")
+        if self.loss_iterations is not None and self.loss_iterations < 1:
+            raise ValueError(f"PromptSimulationConfig.loss_iterations must be >= 1 or None, got {self.loss_iterations}")
         if self.box_jitter not in BOX_JITTERS:
             raise ValueError(f"PromptSimulationConfig.box_jitter must be one of {BOX_JITTERS}, got {self.box_jitter!r}")
 
