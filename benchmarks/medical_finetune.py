@@ -17,6 +17,7 @@ cases' objects.
     python benchmarks/medical_finetune.py                       # the demo data (MNI152 subcortical), M = 10
     python benchmarks/medical_finetune.py --data /data/Task04_Hippocampus --minutes 10 --json out.json
     python benchmarks/medical_finetune.py --train DIR --val DIR
+    python benchmarks/medical_finetune.py --skip-peer --fit prompts.box_jitter=none   # a variant of the recipe
     python benchmarks/medical_finetune.py --smoke               # tiny budgets: checks the pipeline runs
 """
 
@@ -59,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     p.add_argument("--work-dir", type=Path, default=None, help="npz files, runs (default: a temp folder)")
     p.add_argument("--skip-peer", action="store_true", help="leave out the peer loop")
+    p.add_argument("--fit", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra override for side (4), repeatable: measure a variant of the recipe")
     p.add_argument("--peer-stop", choices=("epoch", "step"), default="epoch",
                    help="stop the peer after the first epoch (default) or the first step that ends past M minutes "
                         "(step: when one of its epochs takes much longer than M, e.g. on a busy CPU)")
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "epochs": epochs, "steps": steps, "objects": n}
 
     print("(4) sam-train fit recipe=medical_finetune", flush=True)
-    ckpt, seconds = run_sam_train(overrides, minutes, work)
+    ckpt, seconds = run_sam_train([*overrides, *args.fit], minutes, work)
     tuned = lite_medsam(ckpt)
     same = first_changed_unit(tuned.image_encoder, initial.image_encoder) is None
     reuse = shared if same else None  # a frozen encoder: the same embeddings
@@ -288,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"sam_train - peer: box {d_box:+.4f}, +{args.clicks} clicks {d_clk:+.4f}")
     result = {**rows, "config": {"minutes": minutes, "clicks": args.clicks, "held_out_objects": zero["objects"],
                                  "peer_stop": args.peer_stop,
-                                 "train_cases": train.case_ids, "val_cases": val.case_ids, "overrides": overrides}}
+                                 "train_cases": train.case_ids, "val_cases": val.case_ids,
+                                 "overrides": [*overrides, *args.fit]}}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
