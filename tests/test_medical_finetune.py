@@ -35,7 +35,7 @@ def test_recipe_composes(recipe):
     assert cfg.model.name == "lite_medsam" and cfg.model.pretrained
     assert list(cfg.finetune.freeze) == ["image_encoder"] and cfg.finetune.encoder_tail == 3  # + cached front
     assert cfg.data._target_ == "sam_train.data.cached.CachedEmbeddingDataModule"
-    assert cfg.data.train.transform.hflip_p == 0.0 and list(cfg.data.views) == ["none"]  # flips: cached views
+    assert cfg.data.train.transform.hflip_p == 0.0 and list(cfg.data.views) == ["none", "hflip"]  # cached views
     assert cfg.callbacks.wall_clock.max_time == "00:00:07:30"  # the budget follows trainer.max_time
     assert cfg.prompts.num_iterations > 1 and 0 < cfg.prompts.box_probability < 1  # box or point, then clicks
     assert cfg.prompts.loss_iterations < cfg.prompts.num_iterations  # clicks without backward are cheap
