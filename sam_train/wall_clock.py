@@ -4,7 +4,9 @@ Lightning's `trainer.max_time` (its Timer callback) counts only the time spent i
 run that first encodes its data set (cached embeddings) would overrun a budget such as "10 minutes on this
 CPU". `WallClockBudget` counts from its own creation instead (when `fit` builds the trainer, before the data
 are set up and cached): it stops training after the first optimiser step that ends past the budget, and
-tells data modules how much time is left for caching. With `anneal_lr` it also decays every learning rate
+tells data modules how much time is left for caching. At that step boundary it writes last.ckpt (the
+trained model and a resume point: the step checkpoints alone would leave it up to N steps short, and with
+an annealed lr those are the steps that settle the model). With `anneal_lr` it also decays every learning rate
 linearly to zero over the budget left when training starts ("Budgeted Training", Li et al., ICLR 2020): a
 run cut by the clock ends on small steps, not on whatever the schedule's flat part gives its last step.
 """
@@ -53,11 +55,14 @@ class WallClockBudget(pl.Callback):
         anneal_lr: scale each optimiser step's learning rates (as the scheduler set them) by the fraction of
             the training time left, 1 at the first step to 0 at the deadline. It depends on the clock: a
             resumed run anneals over what is left of its own budget.
+        filename: the checkpoint written (in the run's checkpoint folder) when the budget stops training;
+            None writes none.
     """
 
     def __init__(self, *, max_time: str | int | float | Mapping[str, Any] | None = None,
-                 start: float | None = None, anneal_lr: bool = False) -> None:
+                 start: float | None = None, anneal_lr: bool = False, filename: str | None = "last.ckpt") -> None:
         self.budget = parse_duration(max_time)
+        self.filename = filename
         self.start = time.time() if start is None else float(start)
         self.anneal_lr = anneal_lr
         self.train_start: float | None = None
@@ -116,6 +121,10 @@ class WallClockBudget(pl.Callback):
             log.info("wall-clock budget of %.0f s reached after %d steps (%.0f s since the fit started)",
                      self.budget, trainer.global_step, self.elapsed())
             trainer.should_stop = True
+            if self.filename is not None:  # every rank (the decision above is shared): rank 0 writes atomically
+                from sam_train.callbacks.checkpoint_io import checkpoint_dir  # callbacks import this module
+
+                trainer.save_checkpoint(checkpoint_dir(trainer) / self.filename, weights_only=False)
 
 
 def budget_of(trainer: pl.Trainer) -> WallClockBudget | None:

@@ -185,6 +185,8 @@ def test_medical_demo_end_to_end_stops_at_max_time(tmp_path):
     assert int(match.group(1)) == budget and int(match.group(2)) >= 1
     assert time.time() - t0 > budget
     assert (run / "embeddings" / "train" / "cache.json").is_file()
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == int(match.group(2))  # the model of the final step, not the last step checkpoint
     metrics = json.loads((run / "metrics.json").read_text())
     per_class = metrics["objects"]["per_class"]
     names = {name for _, name in SUBCORTICAL}
