@@ -38,6 +38,7 @@ def test_recipe_composes(recipe):
     assert cfg.data.train.transform.hflip_p == 0.0 and list(cfg.data.views) == ["none", "hflip"]  # cached views
     assert cfg.callbacks.wall_clock.max_time == "00:00:07:30"  # the budget follows trainer.max_time
     assert cfg.prompts.num_iterations > 1 and 0 < cfg.prompts.box_probability < 1  # box or point, then clicks
+    assert cfg.prompts.box_jitter == "none"  # tight boxes, as evaluated
     assert cfg.prompts.loss_iterations < cfg.prompts.num_iterations  # clicks without backward are cheap
     assert cfg.loss.focal_gamma == 0 and cfg.trainer.precision == "bf16-mixed"  # MedSAM's BCE + dice; bf16
     assert cfg.evaluate.objects.enabled and list(cfg.evaluate.objects.clicks) == [1, 3, 5]
