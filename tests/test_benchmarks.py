@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -70,3 +71,15 @@ def test_encoder_speed_smoke():
     assert all(float(r[2]) > 0 and r[3].endswith("iB") for r in rows)
     for kind in ("fwd sam", "fwd\\+bwd sam"):
         assert len(ratios(out, kind)) == 2
+
+
+def test_click_errors_smoke(tmp_path):
+    """Zero-shot LiteMedSAM on 3 held-out demo slices: one row per click, shares in [0, 100] %."""
+    out = run("click_errors.py", "--work-dir", str(tmp_path), "--clicks", "2", "--json", str(tmp_path / "c.json"))
+    rows = table_rows(out)
+    assert [r[0] for r in rows] == ["1", "2"]
+    for r in rows:
+        assert 0 <= float(r[2].rstrip("%")) <= 100 and 0 <= float(r[3].rstrip("%")) <= 100
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert result["objects"] > 0 and len(result["clicks"]) == 2
+    assert result["clicks"][0]["dice"] == pytest.approx(float(rows[0][1]), abs=1e-4)

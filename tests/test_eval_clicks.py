@@ -40,6 +40,8 @@ def test_click_at_the_deepest_error_pixel():
         assert int(label) == int(gt[y, x]), "positive on missed foreground, negative on false positive"
         depth = {1: _interior_distance(gt & ~pred), 0: _interior_distance(pred & ~gt)}
         assert int(label) == int(depth[1].max() > depth[0].max())
+        *_, clicked_depth = next_click(torch.from_numpy(pred), torch.from_numpy(gt), return_depth=True)
+        assert float(clicked_depth) == pytest.approx(depth[int(label)].max())
         assert depth[int(label)][y, x] == pytest.approx(depth[int(label)].max())
         first = np.argwhere(np.isclose(depth[int(label)], depth[int(label)].max()))[0]  # row-major tie rule
         assert (y, x) == tuple(first)
@@ -56,6 +58,8 @@ def test_batched_clicks_and_perfect_prediction():
         c, lab = next_click(pred[k], gt[k])
         assert torch.equal(coords[k], c) and labels[k] == lab
     assert labels[2] == -1  # padding point: the model ignores it
+    _, _, depths = next_click(torch.from_numpy(pred), torch.from_numpy(gt), return_depth=True)
+    assert depths.shape == (4,) and depths[2] == 0 and (depths[[0, 1, 3]] >= 1).all()
     # empty prediction: the first click is positive, in the object's most interior pixel
     c, lab = next_click(np.zeros((20, 20), bool), gt[0])
     assert lab == 1 and gt[0][int(c[1]), int(c[0])]

@@ -156,6 +156,11 @@ def test_box_then_clicks_native_resolution_and_table():
     assert scores["filled_box"][0] == 1.0 and scores["filled_box"][1] < 0.9
     assert torch.allclose(scores["box"], scores["filled_box"], atol=0.08)  # same masks, via the model input
     assert torch.equal(scores["clicks_3"], scores["box"])  # this decoder ignores clicks
+    traced = box_then_clicks(_OracleDecoder(), torch.zeros(1, 64, 64), masks, clicks=(1, 3), trace=True)
+    assert torch.equal(traced["box"], scores["box"])
+    assert traced["click_labels"].shape == traced["click_depths"].shape == (2, 3)
+    # the L's filled box wrongly covers an 8 x 8 square: a negative click in its middle, 4 px from its edges
+    assert (traced["click_labels"][1] == 0).all() and (traced["click_depths"][1] >= 3).all()
     acc = ObjectScores(clicks=(1, 3))
     acc.add(scores, [2, 7], "case_a")
     summary = acc.summary({2: "left thalamus", 7: "left hippocampus"})

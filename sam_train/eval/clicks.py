@@ -32,24 +32,28 @@ from sam_train.prompts.points import deepest_pixel
 PredictFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _click_one(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, int]:
-    """One [H, W] mask pair -> (x, y, label) of the next simulated click."""
+def _click_one(pred: np.ndarray, gt: np.ndarray) -> tuple[int, int, int, float]:
+    """One [H, W] mask pair -> (x, y, label, depth) of the next simulated click."""
     fn_depth, fn_x, fn_y = deepest_pixel(gt & ~pred)
     fp_depth, fp_x, fp_y = deepest_pixel(pred & ~gt)
     if fn_depth == 0 and fp_depth == 0:
-        return 0, 0, -1
-    return (fn_x, fn_y, 1) if fn_depth > fp_depth else (fp_x, fp_y, 0)
+        return 0, 0, -1, 0.0
+    return (fn_x, fn_y, 1, fn_depth) if fn_depth > fp_depth else (fp_x, fp_y, 0, fp_depth)
 
 
-def next_click(pred: torch.Tensor | np.ndarray, gt: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def next_click(
+    pred: torch.Tensor | np.ndarray, gt: torch.Tensor | np.ndarray, *, return_depth: bool = False
+) -> tuple[torch.Tensor, ...]:
     """Next simulated click for each mask.
 
     Args:
         pred: bool [H, W] or [M, H, W], the current prediction.
         gt: bool of the same shape, the ground truth.
+        return_depth: also return each click's depth.
     Returns:
         coords float [M, 2] (x, y) and labels int64 [M] (1 positive, 0 negative, -1 nothing to fix);
-        [2] and [] for a single [H, W] mask.
+        [2] and [] for a single [H, W] mask. With return_depth, third: float [M] (or []) the clicked
+        error region's depth at the click, in pixels (1: the error is one pixel wide there; 0: no click).
     """
     p, g = np.asarray(torch.as_tensor(pred).cpu()), np.asarray(torch.as_tensor(gt).cpu())
     if p.shape != g.shape or p.ndim not in (2, 3) or p.dtype != bool or g.dtype != bool:
@@ -59,9 +63,10 @@ def next_click(pred: torch.Tensor | np.ndarray, gt: torch.Tensor | np.ndarray) -
         )
     single = p.ndim == 2
     clicks = [_click_one(pi, gi) for pi, gi in zip(p[None] if single else p, g[None] if single else g, strict=True)]
-    coords = torch.tensor([[x, y] for x, y, _ in clicks], dtype=torch.float32).reshape(-1, 2)
-    labels = torch.tensor([lab for _, _, lab in clicks], dtype=torch.int64)
-    return (coords[0], labels[0]) if single else (coords, labels)
+    coords = torch.tensor([[x, y] for x, y, _, _ in clicks], dtype=torch.float32).reshape(-1, 2)
+    labels = torch.tensor([lab for _, _, lab, _ in clicks], dtype=torch.int64)
+    out = (coords, labels) + ((torch.tensor([d for *_, d in clicks], dtype=torch.float32),) if return_depth else ())
+    return tuple(t[0] for t in out) if single else out
 
 
 def _check_gt(gt_masks: torch.Tensor | np.ndarray) -> torch.Tensor:

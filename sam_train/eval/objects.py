@@ -41,6 +41,7 @@ def box_then_clicks(
     masks: torch.Tensor,
     *,
     clicks: Sequence[int] = DEFAULT_CLICKS,
+    trace: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Dice per object of one image: box prompt, then up to max(clicks) correction clicks.
 
@@ -49,13 +50,19 @@ def box_then_clicks(
         embedding: [C, h, w] image embedding of the image resized (longest side) and padded to the input.
         masks: bool [M, H, W] ground-truth objects at the native resolution, none empty.
         clicks: click counts to report (Dice after that many clicks on top of the box).
+        trace: also return every click's label and depth (`next_click`), to see which errors clicks meet.
     Returns:
-        {"box": float [M], "clicks_<k>": float [M] for k in clicks, "filled_box": float [M]}.
+        {"box": float [M], "clicks_<k>": float [M] for k in clicks, "filled_box": float [M]}; with trace
+        also "click_labels" int64 [M, K] and "click_depths" float [M, K], K = max(clicks).
     """
     m, (h, w) = masks.shape[0], tuple(masks.shape[-2:])
+    n_clicks = max(clicks, default=0)
+    keys = ["box", *(f"clicks_{k}" for k in clicks), "filled_box"]
     out: dict[str, torch.Tensor] = {}
     if m == 0:
-        return {k: torch.zeros(0) for k in ["box", *(f"clicks_{k}" for k in clicks), "filled_box"]}
+        empty = {k: torch.zeros(0) for k in keys}
+        return {**empty, "click_labels": torch.zeros(0, n_clicks, dtype=torch.long),
+                "click_depths": torch.zeros(0, n_clicks)} if trace else empty
     device, s = embedding.device, model.img_size
     gt = masks.cpu()
     boxes = masks_to_boxes(gt)  # [M, 4] inclusive pixel corners at the native size
@@ -68,7 +75,8 @@ def box_then_clicks(
     click_lbl = torch.zeros(m, 0, dtype=torch.long, device=device)
     prev = None
     wanted = set(clicks)
-    for k in range(max(clicks, default=0) + 1):
+    depths: list[torch.Tensor] = []
+    for k in range(n_clicks + 1):
         coords = torch.cat([click_xy, corners], dim=1)
         labels = torch.cat([click_lbl, corner_labels], dim=1)
         low, _ = model.decode(emb, image_ids, coords, labels, mask_inputs=prev)
@@ -78,11 +86,16 @@ def box_then_clicks(
             out["box"] = dice(pred, gt)
         elif k in wanted:
             out[f"clicks_{k}"] = dice(pred, gt)
-        if k < max(clicks, default=0):
-            xy, lbl = next_click(pred, gt)  # native (x, y); label -1 once an object is perfect
+        if k < n_clicks:
+            xy, lbl, depth = next_click(pred, gt, return_depth=True)  # native (x, y); -1 once perfect
+            depths.append(depth)
             click_xy = torch.cat([click_xy, scale_coords(xy, (h, w), s).to(device)[:, None]], dim=1)
             click_lbl = torch.cat([click_lbl, lbl.to(device)[:, None]], dim=1)
-    return {k: out[k] for k in ["box", *(f"clicks_{k}" for k in clicks), "filled_box"]}
+    if trace:
+        out["click_labels"] = click_lbl.cpu()
+        out["click_depths"] = torch.stack(depths, 1) if depths else torch.zeros(m, 0)
+        keys += ["click_labels", "click_depths"]
+    return {k: out[k] for k in keys}
 
 
 @dataclass
