@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from medical_finetune import MIN_AREA, datasets, lite_medsam, model_input
+from medical_finetune import datasets, held_out_objects, lite_medsam, model_input
 
 from sam_train.eval.objects import box_then_clicks
 
@@ -48,16 +48,9 @@ def trace(model, val, *, clicks: int, max_images: int | None) -> dict[str, torch
     """Per held-out object: "dice" [N, clicks + 1] (box, then after each click), "labels" and "depths" [N, clicks]."""
     model.eval()
     dice, labels, depths = [], [], []
-    n = len(val) if max_images is None else min(len(val), max_images)
     with torch.no_grad():
-        for i in range(n):
-            raw = val.try_load(i)
-            if raw is None:
-                continue
-            masks = raw["masks"][raw["masks"].flatten(1).sum(1) >= MIN_AREA]
-            if masks.shape[0] == 0:
-                continue
-            emb = model.encode(model.preprocess(model_input(raw["image"])[None]))[0]
+        for _, image, masks in held_out_objects(val, max_images):
+            emb = model.encode(model.preprocess(model_input(image)[None]))[0]
             s = box_then_clicks(model, emb, masks, clicks=tuple(range(1, clicks + 1)), trace=True)
             dice.append(torch.stack([s["box"], *(s[f"clicks_{k}"] for k in range(1, clicks + 1))], 1))
             labels.append(s["click_labels"])

@@ -100,6 +100,19 @@ def model_input(image: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the one scoring protocol
+def held_out_objects(val: MedicalSliceDataset, max_images: int | None = None):
+    """Yields (slice index, uint8 image [3, H, W], bool masks [N, H, W] of the objects >= MIN_AREA px) of the
+    held-out slices that have such objects, at the native resolution."""
+    n = len(val) if max_images is None else min(len(val), max_images)
+    for i in range(n):
+        raw = val.try_load(i)
+        if raw is None:
+            continue
+        masks = raw["masks"][raw["masks"].flatten(1).sum(1) >= MIN_AREA]
+        if masks.shape[0]:
+            yield i, raw["image"], masks
+
+
 @torch.no_grad()
 def score(model, val: MedicalSliceDataset, *, clicks: int, max_images: int | None = None,
           embeddings: dict[int, torch.Tensor] | None = None) -> dict[str, float]:
@@ -107,18 +120,11 @@ def score(model, val: MedicalSliceDataset, *, clicks: int, max_images: int | Non
     image embeddings by slice index to reuse (models with the same, frozen image encoder); filled here."""
     model.eval()
     box, more, filled = [], [], []
-    n = len(val) if max_images is None else min(len(val), max_images)
-    for i in range(n):
-        raw = val.try_load(i)
-        if raw is None:
-            continue
-        masks = raw["masks"][raw["masks"].flatten(1).sum(1) >= MIN_AREA]
-        if masks.shape[0] == 0:
-            continue
+    for i, image, masks in held_out_objects(val, max_images):
         if embeddings is not None and i in embeddings:
             emb = embeddings[i]
         else:
-            emb = model.encode(model.preprocess(model_input(raw["image"])[None]))[0]
+            emb = model.encode(model.preprocess(model_input(image)[None]))[0]
             if embeddings is not None:
                 embeddings[i] = emb
         s = box_then_clicks(model, emb, masks, clicks=(clicks,))
