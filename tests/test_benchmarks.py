@@ -83,3 +83,14 @@ def test_click_errors_smoke(tmp_path):
     result = json.loads((tmp_path / "c.json").read_text())
     assert result["objects"] > 0 and len(result["clicks"]) == 2
     assert result["clicks"][0]["dice"] == pytest.approx(float(rows[0][1]), abs=1e-4)
+
+
+def test_token_grid_smoke(tmp_path):
+    """The ground truth through grids over the model input on 3 held-out demo slices: the 256 grid (finer than the
+    native slice) keeps it, coarser grids lose Dice."""
+    out = run("token_grid.py", "--work-dir", str(tmp_path), "--json", str(tmp_path / "g.json"))
+    result = json.loads((tmp_path / "g.json").read_text())
+    d = {r["grid"]: r["dice"] for r in result["grids"]}
+    assert result["objects"] > 0 and sorted(d) == [32, 64, 128, 256]
+    assert d[256] > 0.99 and d[32] < d[64] < d[256]
+    assert [r[0] for r in table_rows(out)][1].startswith("64 x 64")

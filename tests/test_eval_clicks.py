@@ -9,7 +9,14 @@ from PIL import Image
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from sam_train.eval.clicks import click_protocol, next_click, number_of_clicks, plot_iou_curve, sam_med2d_protocol
+from sam_train.eval.clicks import (
+    click_protocol,
+    next_click,
+    number_of_clicks,
+    plot_iou_curve,
+    progressive_merge,
+    sam_med2d_protocol,
+)
 
 
 def _blob(rng: np.random.Generator, shape, q=0.7) -> np.ndarray:
@@ -65,6 +72,28 @@ def test_batched_clicks_and_perfect_prediction():
     assert lab == 1 and gt[0][int(c[1]), int(c[0])]
     with pytest.raises(ValueError, match="bool masks"):
         next_click(pred.astype(np.uint8), gt)
+
+
+def test_progressive_merge_edits_only_the_region_of_the_click():
+    previous = torch.zeros(3, 20, 20, dtype=torch.bool)
+    previous[:, 4:12, 4:12] = True
+    new = previous.clone()
+    new[:, 4, 4:12] = False  # the click's edit: the top row of the square removed
+    new[:, 16:19, 16:19] = True  # a redraw far from the click
+    coords = torch.tensor([[7.0, 4.0], [7.0, 4.0], [0.0, 0.0]])
+    merged = progressive_merge(previous, new, coords, torch.tensor([0, -1, 0]))
+    expected = previous[0].clone()
+    expected[4, 4:12] = False
+    assert torch.equal(merged[0], expected)  # the row went, the far blob did not come
+    assert torch.equal(merged[1], previous[1])  # no click (label -1): nothing changes
+    assert torch.equal(merged[2], previous[2])  # the click's own pixel did not change: nothing changes
+    # 8-connected: a diagonal step still belongs to the click's region
+    new2 = previous.clone()
+    new2[:, 12, 12] = True
+    new2[:, 13, 13] = True
+    assert torch.equal(progressive_merge(previous, new2, torch.tensor([[13.0, 13.0]] * 3), torch.ones(3).long()), new2)
+    with pytest.raises(ValueError, match="coords"):
+        progressive_merge(previous, new, coords[:2], torch.tensor([0, 0]))
 
 
 def test_perfect_predictor_needs_one_click():

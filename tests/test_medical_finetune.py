@@ -156,6 +156,8 @@ def test_box_then_clicks_native_resolution_and_table():
     assert scores["filled_box"][0] == 1.0 and scores["filled_box"][1] < 0.9
     assert torch.allclose(scores["box"], scores["filled_box"], atol=0.08)  # same masks, via the model input
     assert torch.equal(scores["clicks_3"], scores["box"])  # this decoder ignores clicks
+    merged = box_then_clicks(_OracleDecoder(), torch.zeros(1, 64, 64), masks, clicks=(1, 3), merge=True)
+    assert all(torch.equal(merged[k], scores[k]) for k in scores)  # nothing redrawn: nothing to merge
     traced = box_then_clicks(_OracleDecoder(), torch.zeros(1, 64, 64), masks, clicks=(1, 3), trace=True)
     assert torch.equal(traced["box"], scores["box"])
     assert traced["click_labels"].shape == traced["click_depths"].shape == (2, 3)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from sam_train.eval.metrics import dice, iou
 from sam_train.prompts.boxes import masks_to_boxes
@@ -67,6 +68,37 @@ def next_click(
     labels = torch.tensor([lab for _, _, lab, _ in clicks], dtype=torch.int64)
     out = (coords, labels) + ((torch.tensor([d for *_, d in clicks], dtype=torch.float32),) if return_depth else ())
     return tuple(t[0] for t in out) if single else out
+
+
+def progressive_merge(
+    previous: torch.Tensor, new: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """FocalClick's progressive merge (Chen et al. 2022): a click edits the mask only where it was put.
+
+    Keeps `previous` except for the region where `new` differs from it that is connected (8-neighbours) to the
+    click; that region takes `new`'s value. A click that changes nothing at its own pixel changes nothing.
+    Why: a correction click on a thin boundary error can make the model redraw the whole object; a user
+    clicking there meant to fix that spot.
+
+    Args:
+        previous, new: bool [M, H, W] masks before and after the click.
+        coords: [M, 2] (x, y) pixel of each object's click at that resolution.
+        labels: [M] click labels; objects with -1 (no click) keep `previous`.
+    Returns:
+        bool [M, H, W] merged masks.
+    """
+    if previous.shape != new.shape or previous.ndim != 3 or coords.shape != (previous.shape[0], 2):
+        raise ValueError(f"progressive_merge: masks [M, H, W] of one shape and coords [M, 2], got "
+                         f"{list(previous.shape)}, {list(new.shape)}, {list(coords.shape)}")
+    out = previous.clone()
+    changed = (previous ^ new).cpu().numpy()
+    for j, ((x, y), lab) in enumerate(zip(coords.round().long().tolist(), labels.tolist(), strict=True)):
+        if lab < 0 or not changed[j, y, x]:
+            continue
+        regions, _ = ndimage.label(changed[j], structure=np.ones((3, 3), bool))
+        region = torch.from_numpy(regions == regions[y, x]).to(out.device)
+        out[j] = previous[j] ^ region
+    return out
 
 
 def _check_gt(gt_masks: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -37,6 +37,7 @@ class ObjectsConfig:
     clicks: tuple[int, ...] = (1, 3, 5)
     min_area: int = 20
     compare_initial: bool = False  # after fit: also score the weights training started from (box, filled box)
+    merge: bool = False  # each click edits only the region it was put in (eval.clicks.progressive_merge)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ with the `Sam` API:
   (`eval.clicks.next_click`, RITM's clicker: positive in a miss, negative in a false positive), is added to
   the box, and the previous low-res logits are fed back as the mask prompt (the prompt layout of
   training: clicks, then the two box corners);
+- with `merge`, each click only edits the region it was put in (`eval.clicks.progressive_merge`, FocalClick's
+  progressive merge); the model's own logits are still fed back;
 - the filled-box baseline predicts the box itself.
 Results are per object (`ObjectScores`); summaries average over objects, per class and overall.
 """
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sam_train.eval.clicks import next_click
+from sam_train.eval.clicks import next_click, progressive_merge
 from sam_train.eval.metrics import dice
 from sam_train.eval.prompted import filled_boxes
 from sam_train.models.resize import preprocess_shape, scale_boxes, scale_coords
@@ -42,6 +44,7 @@ def box_then_clicks(
     *,
     clicks: Sequence[int] = DEFAULT_CLICKS,
     trace: bool = False,
+    merge: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Dice per object of one image: box prompt, then up to max(clicks) correction clicks.
 
@@ -51,6 +54,7 @@ def box_then_clicks(
         masks: bool [M, H, W] ground-truth objects at the native resolution, none empty.
         clicks: click counts to report (Dice after that many clicks on top of the box).
         trace: also return every click's label and depth (`next_click`), to see which errors clicks meet.
+        merge: progressive merge: a click changes the mask only in the changed region connected to it.
     Returns:
         {"box": float [M], "clicks_<k>": float [M] for k in clicks, "filled_box": float [M]}; with trace
         also "click_labels" int64 [M, K] and "click_depths" float [M, K], K = max(clicks).
@@ -74,6 +78,7 @@ def box_then_clicks(
     click_xy = torch.zeros(m, 0, 2, device=device)
     click_lbl = torch.zeros(m, 0, dtype=torch.long, device=device)
     prev = None
+    shown = xy = lbl = None  # the mask shown after the last click; that click (native)
     wanted = set(clicks)
     depths: list[torch.Tensor] = []
     for k in range(n_clicks + 1):
@@ -82,6 +87,9 @@ def box_then_clicks(
         low, _ = model.decode(emb, image_ids, coords, labels, mask_inputs=prev)
         prev = low[:, :1]
         pred = (model.postprocess_masks(prev, input_size, (h, w))[:, 0] > model.mask_threshold).cpu()
+        if merge and k > 0:
+            pred = progressive_merge(shown, pred, xy, lbl)
+        shown = pred
         if k == 0:
             out["box"] = dice(pred, gt)
         elif k in wanted:

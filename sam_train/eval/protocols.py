@@ -321,7 +321,8 @@ class ObjectDice(Protocol):
             for model, acc, embeddings in ((batch.model, self.scores, data["embeddings"]),
                                            (self.initial, self.initial_scores, batch.initial_embeddings)):
                 if model is not None:
-                    scores = box_then_clicks(model, embeddings[b], masks[keep], clicks=acc.clicks)
+                    scores = box_then_clicks(model, embeddings[b], masks[keep], clicks=acc.clicks,
+                                             merge=self.config.merge)
                     acc.add(scores, class_ids[keep].tolist(), case)
 
     def compute(self, run_dir: Path) -> Section | None:
@@ -333,7 +334,8 @@ class ObjectDice(Protocol):
         flat = {f"eval/objects/{k}/dice": v for k, v in objects["overall"].items() if k != "n"}
         lines = [
             "held-out objects (Dice per object at the native resolution: tight box, then correction clicks "
-            "on top of it; filled box = the box itself):",
+            "on top of it" + (", each merged into the region it was put in" if self.config.merge else "")
+            + "; filled box = the box itself):",
             format_object_table(objects, clicks),
         ]
         if self.initial_scores is not None:

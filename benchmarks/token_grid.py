@@ -1,0 +1,88 @@
+"""How fine must a predicted mask be to reach a Dice target on these objects? The token-grid reference.
+
+LiteMedSAM sees a 256 px input as 64 x 64 image tokens (~3.4 native px each on the demo's 218 px slices). This
+sends the held-out ground truth of `benchmarks/medical_finetune.py` (same split, same objects >= 20 px) through
+a g x g grid over the model input: area-averaged onto the grid, bilinearly upsampled back to the native
+slice and thresholded at 0.5, exactly as the model's logits are (`Sam.postprocess_masks`). The Dice that
+survives is what a mask with no detail finer than that grid scores. It is a reference, not a bound: the
+decoder upsamples its tokens 4x with learned features and can draw some sub-token detail.
+
+    python benchmarks/token_grid.py                                  # demo split
+    python benchmarks/token_grid.py --data /data/mni_neuromorphometrics --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from medical_finetune import IMG_SIZE, datasets, held_out_objects
+
+from sam_train.eval.metrics import dice
+from sam_train.models.resize import preprocess_shape
+
+GRIDS = (32, 64, 128, 256)  # cells per side of the model input; 64 = LiteMedSAM's image tokens
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=None, help="MSD / nnU-Net folder, split by case (default: the demo)")
+    p.add_argument("--train", type=Path, default=None, help="training folder (with --val: no split)")
+    p.add_argument("--val", type=Path, default=None, help="held-out folder (with --train)")
+    p.add_argument("--val-fraction", type=float, default=None, help="held-out share of the cases (as the benchmark)")
+    p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    p.add_argument("--work-dir", type=Path, default=None, help="prepared demo data (default: a temp folder)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--smoke", action="store_true", help="3 held-out slices (seconds; the tests run it)")
+    args = p.parse_args(argv)
+    if (args.train is None) != (args.val is None) or (args.data is not None and args.train is not None):
+        p.error("give --data or --train/--val (together), not both")
+    return args
+
+
+def grid_dice(masks: torch.Tensor, grid: int) -> torch.Tensor:
+    """bool [M, H, W] native masks -> Dice [M] of the masks after a round trip through a grid x grid grid over
+    the (longest side resized, zero padded) model input."""
+    h, w = masks.shape[-2:]
+    ih, iw = preprocess_shape(h, w, IMG_SIZE)
+    frame = torch.zeros(masks.shape[0], 1, IMG_SIZE, IMG_SIZE)
+    frame[..., :ih, :iw] = F.interpolate(masks[:, None].float(), (ih, iw), mode="bilinear", antialias=True)
+    cells = F.adaptive_avg_pool2d(frame, grid)  # the share of each cell the object covers
+    back = F.interpolate(cells, (IMG_SIZE, IMG_SIZE), mode="bilinear")[..., :ih, :iw]
+    back = F.interpolate(back, (h, w), mode="bilinear")[:, 0] > 0.5
+    return dice(back, masks)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="token_grid_"))
+    _, val, _ = datasets(args, work)
+    scores: dict[int, list[torch.Tensor]] = {g: [] for g in GRIDS}
+    for _, _, masks in held_out_objects(val, 3 if args.smoke else None):
+        for g in GRIDS:
+            scores[g].append(grid_dice(masks, g))
+    n = sum(len(s) for s in scores[GRIDS[0]])
+    native = max(val.try_load(0)["image"].shape[-2:]) if len(val) else IMG_SIZE
+    print(f"{n} held-out objects ({val.case_ids}); native slices up to {native} px, model input {IMG_SIZE} px")
+    print("| grid over the input | native px per cell | Dice of the ground truth through it |")
+    print("|---|---|---|")
+    rows = []
+    for g in GRIDS:
+        d = float(torch.cat(scores[g]).mean())
+        rows.append({"grid": g, "native_px_per_cell": native / g, "dice": d})
+        print(f"| {g} x {g}{' (LiteMedSAM tokens)' if g == IMG_SIZE // 4 else ''} | {native / g:.2f} | {d:.4f} |")
+    result = {"objects": n, "grids": rows}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
