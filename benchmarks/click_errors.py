@@ -14,12 +14,18 @@ whose clicks lose Dice on top of a good box shows here whether the clicks meet f
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
 from pathlib import Path
 
 import torch
-from medical_finetune import datasets, held_out_objects, lite_medsam, model_input
+from medical_finetune import (
+    add_data_args,
+    check_data_args,
+    held_out_objects,
+    held_out_set,
+    lite_medsam,
+    model_input,
+    write_json,
+)
 
 from sam_train.eval.objects import box_then_clicks
 
@@ -29,19 +35,13 @@ THIN = 1.5  # px: an error this deep at the click is one pixel wide there (diago
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=None, help="fine-tuned weights (default: zero-shot LiteMedSAM)")
-    p.add_argument("--data", type=Path, default=None, help="MSD / nnU-Net folder, split by case (default: the demo)")
-    p.add_argument("--train", type=Path, default=None, help="training folder (with --val: no split)")
-    p.add_argument("--val", type=Path, default=None, help="held-out folder (with --train)")
-    p.add_argument("--val-fraction", type=float, default=None, help="held-out share of the cases (as the benchmark)")
+    add_data_args(p)
     p.add_argument("--clicks", type=int, default=5, help="correction clicks on top of the box")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     p.add_argument("--work-dir", type=Path, default=None, help="prepared demo data (default: a temp folder)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--smoke", action="store_true", help="3 held-out slices (seconds; the tests run it)")
-    args = p.parse_args(argv)
-    if (args.train is None) != (args.val is None) or (args.data is not None and args.train is not None):
-        p.error("give --data or --train/--val (together), not both")
-    return args
+    return check_data_args(p, p.parse_args(argv))
 
 
 def trace(model, val, *, clicks: int, max_images: int | None) -> dict[str, torch.Tensor]:
@@ -79,10 +79,7 @@ def summarise(t: dict[str, torch.Tensor]) -> list[dict[str, float | int | None]]
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="click_errors_"))
-    _, val, _ = datasets(args, work)
+    val = held_out_set(args, "click_errors_")
     model = lite_medsam(args.checkpoint)
     t = trace(model, val, clicks=args.clicks, max_images=3 if args.smoke else None)
     rows = summarise(t)
@@ -101,9 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{f(r['delta_positive'])} | {f(r['delta_negative'])} | {f(r['delta_thin'])} | {f(r['delta_deeper'])} |")
     result = {"checkpoint": str(args.checkpoint) if args.checkpoint else None, "objects": int(t["dice"].shape[0]),
               "box_dice": box, "clicks": rows}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

@@ -49,13 +49,33 @@ IMG_SIZE = 256  # LiteMedSAM's input
 MIN_AREA = 20
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    """The data options of this benchmark and of the scripts that analyse its held-out objects (same split)."""
     p.add_argument("--data", type=Path, default=None, help="MSD / nnU-Net folder, split by case (default: the demo)")
     p.add_argument("--train", type=Path, default=None, help="training folder (with --val: no split)")
     p.add_argument("--val", type=Path, default=None, help="held-out folder (with --train)")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="held-out fraction of the cases with --data (default: 0.34 for the demo, else 0.2)")
+
+
+def check_data_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    if (args.train is None) != (args.val is None):
+        p.error("--train and --val go together")
+    if args.data is not None and args.train is not None:
+        p.error("give --data or --train/--val, not both")
+    return args
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    """The figures as JSON at `path` (nothing when None)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(p)
     p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget M of each training side")
     p.add_argument("--clicks", type=int, default=5, help="correction clicks on top of the box")
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
@@ -68,12 +88,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(step: when one of its epochs takes much longer than M, e.g. on a busy CPU)")
     p.add_argument("--smoke", action="store_true",
                    help="seconds-sized budgets, 8 training objects for the peer, 3 held-out slices")
-    args = p.parse_args(argv)
-    if (args.train is None) != (args.val is None):
-        p.error("--train and --val go together")
-    if args.data is not None and args.train is not None:
-        p.error("give --data or --train/--val, not both")
-    return args
+    return check_data_args(p, p.parse_args(argv))
 
 
 # ----------------------------------------------------------------------------- data
@@ -90,6 +105,13 @@ def datasets(args: argparse.Namespace, work: Path) -> tuple[MedicalSliceDataset,
     train = MedicalSliceDataset(root, subset="train", **split)
     val = MedicalSliceDataset(root, subset="val", **split)
     return train, val, [f"data.train.root={root}", f"data.train.val_fraction={fraction}"]
+
+
+def held_out_set(args: argparse.Namespace, prefix: str) -> MedicalSliceDataset:
+    """The held-out slices for the scripts that analyse them (`--threads`, `--work-dir` and the data options)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return datasets(args, args.work_dir or Path(tempfile.mkdtemp(prefix=prefix)))[1]
 
 
 def model_input(image: torch.Tensor) -> torch.Tensor:
@@ -307,9 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  "peer_stop": args.peer_stop,
                                  "train_cases": train.case_ids, "val_cases": val.case_ids,
                                  "overrides": [*overrides, *args.fit]}}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 

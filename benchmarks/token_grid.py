@@ -14,13 +14,18 @@ decoder upsamples its tokens 4x with learned features and can draw some sub-toke
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from medical_finetune import IMG_SIZE, datasets, held_out_objects
+from medical_finetune import (
+    IMG_SIZE,
+    add_data_args,
+    check_data_args,
+    held_out_objects,
+    held_out_set,
+    write_json,
+)
 
 from sam_train.eval.metrics import dice
 from sam_train.models.resize import preprocess_shape
@@ -30,18 +35,12 @@ GRIDS = (32, 64, 128, 256)  # cells per side of the model input; 64 = LiteMedSAM
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=None, help="MSD / nnU-Net folder, split by case (default: the demo)")
-    p.add_argument("--train", type=Path, default=None, help="training folder (with --val: no split)")
-    p.add_argument("--val", type=Path, default=None, help="held-out folder (with --train)")
-    p.add_argument("--val-fraction", type=float, default=None, help="held-out share of the cases (as the benchmark)")
+    add_data_args(p)
     p.add_argument("--json", type=Path, default=None, help="write the figures here")
     p.add_argument("--work-dir", type=Path, default=None, help="prepared demo data (default: a temp folder)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--smoke", action="store_true", help="3 held-out slices (seconds; the tests run it)")
-    args = p.parse_args(argv)
-    if (args.train is None) != (args.val is None) or (args.data is not None and args.train is not None):
-        p.error("give --data or --train/--val (together), not both")
-    return args
+    return check_data_args(p, p.parse_args(argv))
 
 
 def grid_dice(masks: torch.Tensor, grid: int) -> torch.Tensor:
@@ -59,10 +58,7 @@ def grid_dice(masks: torch.Tensor, grid: int) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="token_grid_"))
-    _, val, _ = datasets(args, work)
+    val = held_out_set(args, "token_grid_")
     scores: dict[int, list[torch.Tensor]] = {g: [] for g in GRIDS}
     for _, _, masks in held_out_objects(val, 3 if args.smoke else None):
         for g in GRIDS:
@@ -78,9 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append({"grid": g, "native_px_per_cell": native / g, "dice": d})
         print(f"| {g} x {g}{' (LiteMedSAM tokens)' if g == IMG_SIZE // 4 else ''} | {native / g:.2f} | {d:.4f} |")
     result = {"objects": n, "grids": rows}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return result
 
 
