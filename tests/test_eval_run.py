@@ -189,3 +189,24 @@ def test_initial_weights_are_scored_on_their_own_embeddings_when_the_encoder_tra
     assert start["box"] == alone["objects"]["overall"]["box"] and start["n"] == alone["objects"]["overall"]["n"]
     assert both["objects"]["overall"]["box"] == trained["objects"]["overall"]["box"]
     assert start["box"] != trained["objects"]["overall"]["box"]  # the two encoders do differ
+
+
+def test_objects_merge_option_reaches_the_click_protocol(tiny_sam, tmp_path, monkeypatch):
+    """evaluate.objects.merge=true scores the clicks with progressive merge; the box is the same either way."""
+    import sam_train.eval.protocols as protocols
+
+    seen = []
+    real = protocols.box_then_clicks
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("merge"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(protocols, "box_then_clicks", spy)
+    results = {}
+    for merge in (False, True):
+        opts = {"modes": [], "num_overlays": 0, "objects": {"enabled": True, "clicks": [1, 2], "min_area": 1,
+                                                           "merge": merge}}
+        results[merge] = run_evaluation(tiny_sam, toy_datamodule(2).val_dataloader(), opts, tmp_path / str(merge))
+    assert seen and set(seen) == {False, True} and seen[0] is False and seen[-1] is True
+    assert results[True]["objects"]["overall"]["box"] == results[False]["objects"]["overall"]["box"]
