@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from medical_finetune import (
-    add_data_args,
+    add_held_out_args,
     check_data_args,
     held_out_objects,
     held_out_set,
@@ -35,12 +35,8 @@ THIN = 1.5  # px: an error this deep at the click is one pixel wide there (diago
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=None, help="fine-tuned weights (default: zero-shot LiteMedSAM)")
-    add_data_args(p)
+    add_held_out_args(p)
     p.add_argument("--clicks", type=int, default=5, help="correction clicks on top of the box")
-    p.add_argument("--json", type=Path, default=None, help="write the figures here")
-    p.add_argument("--work-dir", type=Path, default=None, help="prepared demo data (default: a temp folder)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
-    p.add_argument("--smoke", action="store_true", help="3 held-out slices (seconds; the tests run it)")
     return check_data_args(p, p.parse_args(argv))
 
 

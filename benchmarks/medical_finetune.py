@@ -107,8 +107,17 @@ def datasets(args: argparse.Namespace, work: Path) -> tuple[MedicalSliceDataset,
     return train, val, [f"data.train.root={root}", f"data.train.val_fraction={fraction}"]
 
 
+def add_held_out_args(p: argparse.ArgumentParser) -> None:
+    """The options of the scripts that analyse the held-out objects: data, output, threads, smoke."""
+    add_data_args(p)
+    p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    p.add_argument("--work-dir", type=Path, default=None, help="prepared demo data (default: a temp folder)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--smoke", action="store_true", help="3 held-out slices (seconds; the tests run it)")
+
+
 def held_out_set(args: argparse.Namespace, prefix: str) -> MedicalSliceDataset:
-    """The held-out slices for the scripts that analyse them (`--threads`, `--work-dir` and the data options)."""
+    """The held-out slices for the scripts that analyse them (options of `add_held_out_args`)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     return datasets(args, args.work_dir or Path(tempfile.mkdtemp(prefix=prefix)))[1]

@@ -14,13 +14,12 @@ decoder upsamples its tokens 4x with learned features and can draw some sub-toke
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from medical_finetune import (
     IMG_SIZE,
-    add_data_args,
+    add_held_out_args,
     check_data_args,
     held_out_objects,
     held_out_set,
@@ -29,17 +28,14 @@ from medical_finetune import (
 
 from sam_train.eval.metrics import dice
 from sam_train.models.resize import preprocess_shape
+from sam_train.models.sam import postprocess_logits
 
 GRIDS = (32, 64, 128, 256)  # cells per side of the model input; 64 = LiteMedSAM's image tokens
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_data_args(p)
-    p.add_argument("--json", type=Path, default=None, help="write the figures here")
-    p.add_argument("--work-dir", type=Path, default=None, help="prepared demo data (default: a temp folder)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
-    p.add_argument("--smoke", action="store_true", help="3 held-out slices (seconds; the tests run it)")
+    add_held_out_args(p)
     return check_data_args(p, p.parse_args(argv))
 
 
@@ -51,8 +47,7 @@ def grid_dice(masks: torch.Tensor, grid: int) -> torch.Tensor:
     frame = torch.zeros(masks.shape[0], 1, IMG_SIZE, IMG_SIZE)
     frame[..., :ih, :iw] = F.interpolate(masks[:, None].float(), (ih, iw), mode="bilinear", antialias=True)
     cells = F.adaptive_avg_pool2d(frame, grid)  # the share of each cell the object covers
-    back = F.interpolate(cells, (IMG_SIZE, IMG_SIZE), mode="bilinear")[..., :ih, :iw]
-    back = F.interpolate(back, (h, w), mode="bilinear")[:, 0] > 0.5
+    back = postprocess_logits(cells, IMG_SIZE, (ih, iw), (h, w))[:, 0] > 0.5
     return dice(back, masks)
 
 
@@ -60,11 +55,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     val = held_out_set(args, "token_grid_")
     scores: dict[int, list[torch.Tensor]] = {g: [] for g in GRIDS}
+    native = 0  # the longest side of the scored slices
     for _, _, masks in held_out_objects(val, 3 if args.smoke else None):
+        native = max(native, *masks.shape[-2:])
         for g in GRIDS:
             scores[g].append(grid_dice(masks, g))
     n = sum(len(s) for s in scores[GRIDS[0]])
-    native = max(val.try_load(0)["image"].shape[-2:]) if len(val) else IMG_SIZE
     print(f"{n} held-out objects ({val.case_ids}); native slices up to {native} px, model input {IMG_SIZE} px")
     print("| grid over the input | native px per cell | Dice of the ground truth through it |")
     print("|---|---|---|")

@@ -30,6 +30,16 @@ def upsample_logits(low_res: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)[:, 0]
 
 
+def postprocess_logits(
+    masks: torch.Tensor, img_size: int, input_size: tuple[int, ...], original_size: tuple[int, ...]
+) -> torch.Tensor:
+    """[M, k, h, w] logits over the padded S x S model input (any grid) -> [M, k, H0, W0] at the original size:
+    upsampled to S, cropped to the resized image's (h, w) = input_size, resized to original_size (SAM's)."""
+    masks = F.interpolate(masks, (img_size, img_size), mode="bilinear", align_corners=False)
+    masks = masks[..., : input_size[0], : input_size[1]]
+    return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+
+
 class Sam(nn.Module):
     """Segment Anything. Submodule names and state-dict keys equal the official package's.
 
@@ -99,9 +109,7 @@ class Sam(nn.Module):
 
         input_size is the (h, w) of the resized image before padding.
         """
-        masks = F.interpolate(masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
-        masks = masks[..., : input_size[0], : input_size[1]]
-        return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
+        return postprocess_logits(masks, self.img_size, input_size, original_size)
 
     # ----------------------------------------------------------------- batched training API
     def encode(self, images: torch.Tensor) -> torch.Tensor:
