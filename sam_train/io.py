@@ -7,21 +7,28 @@ fsync'ed, `os.replace`d over `path` (atomic on POSIX) and the directory entry fs
 moment leaves either the previous file or the new one, never a truncated file under the real name, and a
 failed write removes its temp file. The file gets the usual umask permissions.
 
+Data written on first use (`prepare_*` functions) is written by one process at a time: `written_once` makes
+every DDP rank or parallel job that prepares the same folder wait for the one writing it, then find it done.
+
 Reading checkpoints safely (`torch.load(weights_only=True)` with diagnostics) is
 `sam_train.models.checkpoint.read_checkpoint_file`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import torch
+from filelock import FileLock
 
 TMP_SUFFIX = ".tmp"
+LOCK_SUFFIX = ".lock"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def fsync_dir(directory: str | Path) -> None:
@@ -79,3 +86,23 @@ def safe_file_name(text: str, default: str = "case") -> str:
     other than letters, digits, '.', '_' and '-' becomes '__'; leading / trailing '_' are dropped;
     `default` when nothing is left."""
     return re.sub(r"[^A-Za-z0-9._-]+", "__", text).strip("_") or default
+
+
+def preparation_lock(out_dir: str | Path) -> FileLock:
+    """The inter-process lock on writing the folder `out_dir`: a `.<name>.lock` file beside it."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(out.parent / f".{out.name}{LOCK_SUFFIX}"))
+
+
+def written_once(prepare: F) -> F:
+    """Decorate `prepare(out_dir, ...)`, which writes a data set into `out_dir` unless it is already there:
+    calls hold `preparation_lock(out_dir)`, so processes that start together (the ranks of a DDP job) don't
+    read files another one is half-way through writing; the later ones find the data set complete."""
+
+    @functools.wraps(prepare)
+    def locked(out_dir: str | Path, *args: Any, **kwargs: Any) -> Any:
+        with preparation_lock(out_dir):
+            return prepare(out_dir, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]

@@ -4,6 +4,9 @@ intensity normalisation, objects per slice, case-level split, the MNI demo data 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -20,6 +23,7 @@ from sam_train.data.medical import (
 )
 from sam_train.data.medical_io import normalise_intensity, read_volume
 from sam_train.data.mni import prepare_mni_demo
+from sam_train.io import preparation_lock
 
 # an oblique-free but non-trivial orientation: x flipped, y and z permuted, anisotropic spacing
 AFFINE = np.array([[-0.8, 0, 0, 10.0], [0, 0, 2.0, -5.0], [0, 0.9, 0, 3.0], [0, 0, 0, 1]])
@@ -157,6 +161,24 @@ def test_mni_demo_dataset(tmp_path):
     white = s["image"][0][s["masks"][s["class_ids"] == 2][0]].float().mean()
     assert white > grey + 10
     assert s["image"].dtype == torch.uint8
+
+
+def test_ranks_preparing_the_demo_together_wait_for_one_writer(tmp_path):
+    # the ranks of a DDP job each build the data config: the image folder (and the MSD set under it) must be
+    # written by one of them while the others wait, not read half-written (a CI failure: "unreadable volume")
+    msd, images = tmp_path / "mni", tmp_path / "images" / "train"
+    code = ("import sys; from sam_train.data.mni import mni_demo_image_folder; from pathlib import Path; "
+            "out = mni_demo_image_folder(sys.argv[1], msd_dir=sys.argv[2]); print(len(list(Path(out).glob('*.png'))))")
+    with preparation_lock(images):
+        ranks = [subprocess.Popen([sys.executable, "-c", code, str(images), str(msd)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        time.sleep(8)  # long enough for both to import and reach the lock
+        assert [r.poll() for r in ranks] == [None, None]
+        assert not images.exists() and not msd.exists()  # nobody wrote while another process held the lock
+    outs = [r.communicate(timeout=300) for r in ranks]
+    assert [r.returncode for r in ranks] == [0, 0], [err[-2000:] for _, err in outs]
+    counts = {int(out.split()[-1]) for out, _ in outs}
+    assert len(counts) == 1 and counts.pop() > 0  # both see the same complete folder
 
 
 def test_medical_volumes_to_shards_keep_slice_metadata(tmp_path):

@@ -21,7 +21,7 @@ from PIL import Image
 
 from sam_train.data.medical import MedicalSliceDataset
 from sam_train.data.sample import DataError
-from sam_train.io import safe_file_name
+from sam_train.io import safe_file_name, written_once
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def write_msd_cases(
     (out / "dataset.json").write_text(json.dumps(meta, indent=1))
 
 
+@written_once
 def prepare_mni_demo(
     out_dir: str | Path, *, n_cases: int = 6, zoom: float = 0.4, threshold: float = 0.5, overwrite: bool = False
 ) -> Path:
@@ -207,6 +208,7 @@ def _check_slab_args(n_cases: int, z_range: tuple[int, int], slice_step: int) ->
                         f"n_cases={n_cases}, z_range={list(z_range)}, slice_step={slice_step}")
 
 
+@written_once
 def prepare_mni_subcortical(
     out_dir: str | Path,
     *,
@@ -251,6 +253,7 @@ def prepare_mni_subcortical(
     )
 
 
+@written_once
 def prepare_mni_neuromorphometrics(
     out_dir: str | Path,
     *,
@@ -313,6 +316,7 @@ def mni_demo_slices(
     return MedicalSliceDataset(root, **kwargs)
 
 
+@written_once
 def mni_demo_image_folder(
     out_dir: str | Path,
     *,
