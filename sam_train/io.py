@@ -102,7 +102,14 @@ def written_once(prepare: F) -> F:
 
     @functools.wraps(prepare)
     def locked(out_dir: str | Path, *args: Any, **kwargs: Any) -> Any:
-        with preparation_lock(out_dir):
+        try:
+            lock = preparation_lock(out_dir)
+            lock.acquire()
+        except OSError:  # a read-only place: nothing can be written there, so there is no writer to wait for
             return prepare(out_dir, *args, **kwargs)
+        try:
+            return prepare(out_dir, *args, **kwargs)
+        finally:
+            lock.release()
 
     return locked  # type: ignore[return-value]

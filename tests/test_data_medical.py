@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from filelock import FileLock
 
 from sam_train.data.medical import (
     MedicalSliceDataset,
@@ -179,6 +180,18 @@ def test_ranks_preparing_the_demo_together_wait_for_one_writer(tmp_path):
     assert [r.returncode for r in ranks] == [0, 0], [err[-2000:] for _, err in outs]
     counts = {int(out.split()[-1]) for out, _ in outs}
     assert len(counts) == 1 and counts.pop() > 0  # both see the same complete folder
+
+
+def test_a_prepared_demo_where_no_lock_can_be_made_is_still_read(tmp_path, monkeypatch):
+    root = prepare_mni_demo(tmp_path / "mni", n_cases=2, zoom=0.25)
+    before = (root / "dataset.json").stat().st_mtime_ns
+
+    def read_only(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self.lock_file))
+
+    monkeypatch.setattr(FileLock, "acquire", read_only)  # as in a read-only folder (root would ignore chmod)
+    assert prepare_mni_demo(root, n_cases=2, zoom=0.25) == root
+    assert (root / "dataset.json").stat().st_mtime_ns == before
 
 
 def test_medical_volumes_to_shards_keep_slice_metadata(tmp_path):
