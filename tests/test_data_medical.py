@@ -168,12 +168,23 @@ def test_ranks_preparing_the_demo_together_wait_for_one_writer(tmp_path):
     # the ranks of a DDP job each build the data config: the image folder (and the MSD set under it) must be
     # written by one of them while the others wait, not read half-written (a CI failure: "unreadable volume")
     msd, images = tmp_path / "mni", tmp_path / "images" / "train"
-    code = ("import sys; from sam_train.data.mni import mni_demo_image_folder; from pathlib import Path; "
+    # each rank touches a marker as it reaches a lock, so the test knows both are waiting (not still importing)
+    code = ("import sys; from pathlib import Path; from filelock import FileLock\n"
+            "acquire = FileLock.acquire\n"
+            "def reached(self, *a, **k):\n    Path(sys.argv[3]).touch(); return acquire(self, *a, **k)\n"
+            "FileLock.acquire = reached\n"
+            "from sam_train.data.mni import mni_demo_image_folder\n"
             "out = mni_demo_image_folder(sys.argv[1], msd_dir=sys.argv[2]); print(len(list(Path(out).glob('*.png'))))")
+    markers = [tmp_path / f"rank{r}.waiting" for r in range(2)]
     with preparation_lock(images):
-        ranks = [subprocess.Popen([sys.executable, "-c", code, str(images), str(msd)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
-        time.sleep(8)  # long enough for both to import and reach the lock
+        ranks = [subprocess.Popen([sys.executable, "-c", code, str(images), str(msd), str(m)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for m in markers]
+        deadline = time.monotonic() + 300
+        while not all(m.exists() for m in markers) and time.monotonic() < deadline:
+            assert [r.poll() for r in ranks] == [None, None]
+            time.sleep(0.2)
+        time.sleep(1.0)  # both are at the lock now; give a rank that ignored it time to start writing
+        assert all(m.exists() for m in markers)
         assert [r.poll() for r in ranks] == [None, None]
         assert not images.exists() and not msd.exists()  # nobody wrote while another process held the lock
     outs = [r.communicate(timeout=300) for r in ranks]
